@@ -1,0 +1,335 @@
+"""Layer 0: the run configuration as frozen, validated dataclasses.
+
+A run is described by one YAML file loaded into :class:`Config`. Every field
+has a default and a one-line comment; ``--set a.b=c`` overrides are applied
+before validation. An unknown key fails with the closest valid names, a wrong
+type or an out-of-range value fails naming the key and what is allowed
+(``ConfigError``; the CLI turns it into exit code 2 before anything is
+written).
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot be run; the message names the key."""
+
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfigSection:
+  path: str | None = None          # local Hugging Face checkpoint directory (config.json, tokenizer, safetensors)
+  arch: Mapping[str, Any] | None = None  # or: jaxent.models.ModelConfig fields for a randomly initialised model
+  dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype
+  remat: bool = False              # rematerialise each layer in the backward pass (saves activation memory)
+  init_seed: int = 0               # seed of the random init when `arch` is given
+
+  def validate(self, key: str = "model") -> None:
+    _check((self.path is None) != (self.arch is None), key,
+           "give exactly one of model.path (a local HF directory) or model.arch (a config for random init)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  task: Literal["jsonl", "arithmetic"] = "jsonl"  # a local JSONL/Parquet dataset, or the generated arithmetic task
+  train_path: str | None = None    # JSONL or Parquet with prompt/answer fields (task=jsonl)
+  eval_path: str | None = None     # held-out set for `eval_every` (task=jsonl)
+  prompt_key: str = "prompt"       # field holding the prompt text
+  answer_key: str = "answer"       # field holding the gold answer
+  chat_template: bool = False      # wrap prompts with the tokenizer's chat template
+  max_prompt_len: int = 512        # longer prompts are skipped and counted
+  shuffle_seed: int = 0            # data order seed (a new permutation each epoch)
+  # arithmetic task (task=arithmetic)
+  num_operands: int = 3            # operands per prompt: ab+cd+ef=
+  num_digits: int = 2              # digits per operand
+  num_eval: int = 2048             # held-out prompts for evaluation
+
+  def validate(self, key: str = "data") -> None:
+    if self.task == "jsonl":
+      _check(self.train_path is not None, f"{key}.train_path", "required when data.task is 'jsonl'")
+    _check(self.max_prompt_len >= 1, f"{key}.max_prompt_len", "must be >= 1")
+    _check(self.num_operands >= 2, f"{key}.num_operands", "must be >= 2")
+    _check(1 <= self.num_digits <= 6, f"{key}.num_digits", "must be in [1, 6]")
+    _check(self.num_eval >= 1, f"{key}.num_eval", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+  prompts_per_step: int = 32       # prompts sampled per RL step
+  samples_per_prompt: int = 8      # responses per prompt (the GRPO group size)
+  max_new_tokens: int = 16         # response length limit
+  temperature: float = 1.0         # sampling temperature for rollouts
+  top_p: float = 1.0               # nucleus sampling mass
+  top_k: int = 0                   # 0 = off
+  filter_groups: bool = False      # DAPO-style: drop groups whose rewards are all equal (zero advantage)
+  reward: str = "math"             # reward function name (jaxent.rewards)
+  reward_timeout_s: float = 5.0    # per-response grading time limit
+  scale_by_std: bool = True        # GRPO std scaling (False = Dr.GRPO)
+
+  def validate(self, key: str = "rollout") -> None:
+    _check(self.prompts_per_step >= 1, f"{key}.prompts_per_step", "must be >= 1")
+    _check(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", "must be >= 1")
+    _check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+    _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
+    _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+    _check(self.top_k >= 0, f"{key}.top_k", "must be >= 0")
+    _check(self.reward_timeout_s > 0, f"{key}.reward_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+  name: Literal["ppo_clip", "clip_cov", "kl_cov"] = "ppo_clip"  # GRPO / Clip-higher use ppo_clip
+  agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+  clip_low: float = 0.2            # PPO epsilon below 1
+  clip_high: float = 0.2           # PPO epsilon above 1 (Clip-higher: 0.28)
+  dual_clip: float | None = None   # dual-clip constant c for negative advantages (paper: 10)
+  ratio: float = 2e-4              # fraction of valid tokens the covariance rule selects
+  cov_lb: float = 1.0              # Clip-Cov: lower covariance bound
+  cov_ub: float = 5.0              # Clip-Cov: upper covariance bound
+  kl_coef: float = 1.0             # KL-Cov: beta of the |log pi - log pi_old| penalty
+  entropy_coef: float = 0.0        # entropy bonus (paper: 0)
+  ref_kl_coef: float = 0.0         # KL to the reference policy (paper: 0); > 0 computes reference log-probs
+  ref_kl_kind: Literal["k1", "k2", "k3"] = "k3"  # estimator of that KL
+
+  def validate(self, key: str = "loss") -> None:
+    _check(self.clip_low >= 0, f"{key}.clip_low", "must be >= 0")
+    _check(self.clip_high >= 0, f"{key}.clip_high", "must be >= 0")
+    _check(self.dual_clip is None or self.dual_clip > 1, f"{key}.dual_clip", "must be > 1 or null")
+    _check(0 < self.ratio <= 1, f"{key}.ratio", "must be in (0, 1]")
+    _check(self.cov_lb < self.cov_ub, f"{key}.cov_lb", f"must be < loss.cov_ub ({self.cov_ub})")
+    _check(self.kl_coef >= 0, f"{key}.kl_coef", "must be >= 0")
+    _check(self.entropy_coef >= 0, f"{key}.entropy_coef", "must be >= 0")
+    _check(self.ref_kl_coef >= 0, f"{key}.ref_kl_coef", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 1e-6                 # peak learning rate (paper: 1e-6)
+  warmup_steps: int = 0            # linear warm-up, in optimizer updates
+  schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+  weight_decay: float = 0.0        # AdamW decoupled weight decay
+  b1: float = 0.9                  # Adam beta1
+  b2: float = 0.999                # Adam beta2
+  eps: float = 1e-8                # Adam epsilon
+  grad_clip: float = 1.0           # global-norm gradient clipping (paper: 1.0)
+  max_nonfinite: int = 5           # stop after this many non-finite updates in a row
+
+  def validate(self, key: str = "optim") -> None:
+    _check(self.lr > 0, f"{key}.lr", "must be > 0")
+    _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+    _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+    _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{key}.b1/b2", "must be in [0, 1)")
+    _check(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+    _check(self.max_nonfinite >= 1, f"{key}.max_nonfinite", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100                 # RL steps (one rollout each)
+  ppo_epochs: int = 1              # passes over each rollout
+  mini_batches: int = 1            # optimizer updates per epoch; covariance selection spans one mini-batch
+  micro_batches: int = 1           # gradient-accumulation chunks per mini-batch (does not change the gradient)
+  seed: int = 0                    # sampling, selection and init randomness
+  log_every: int = 1               # metrics to metrics.jsonl / TensorBoard every N steps
+  eval_every: int = 0              # held-out evaluation every N steps (0 = off)
+  ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
+  keep_checkpoints: int = 3        # checkpoints kept on disk
+  progress: bool = True            # progress bar
+
+  def validate(self, key: str = "train") -> None:
+    for name in ("steps", "ppo_epochs", "mini_batches", "micro_batches", "log_every", "keep_checkpoints"):
+      _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+    _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+    _check(self.ckpt_every >= 0, f"{key}.ckpt_every", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1                   # data-parallel axis (-1: all remaining devices)
+  fsdp: int = 1                    # fully-sharded data-parallel axis
+  tensor: int = 1                  # tensor-parallel axis
+
+  def validate(self, key: str = "mesh") -> None:
+    for name in ("data", "fsdp", "tensor"):
+      v = getattr(self, name)
+      _check(v == -1 or v >= 1, f"{key}.{name}", "must be >= 1 or -1")
+
+
+@dataclass(frozen=True)
+class Config:
+  model: ModelConfigSection = field(default_factory=ModelConfigSection)
+  data: DataConfig = field(default_factory=DataConfig)
+  rollout: RolloutConfig = field(default_factory=RolloutConfig)
+  loss: LossConfig = field(default_factory=LossConfig)
+  optim: OptimConfig = field(default_factory=OptimConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  name: str = "run"                # run name (logs)
+
+  def validate(self) -> "Config":
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if hasattr(v, "validate"):
+        v.validate(f.name)
+    rows = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+    mb = self.train.mini_batches
+    _check(rows % mb == 0, "train.mini_batches",
+           f"{mb} does not divide the {rows} responses per step "
+           f"(rollout.prompts_per_step x rollout.samples_per_prompt)")
+    _check((rows // mb) % self.train.micro_batches == 0, "train.micro_batches",
+           f"{self.train.micro_batches} does not divide the mini-batch of {rows // mb} responses")
+    return self
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------
+# dict -> dataclass with type checks
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if tp is Any:
+    return value
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _coerce(value, a, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else
+                      f"{key}: {value!r} does not match {_type_name(tp)}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                        f"got {type(value).__name__}")
+    return _build(tp, value, key)
+  if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    # YAML 1.1 reads `1e-6` (no dot) as a string; accept numeric strings.
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+      return float(value)
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+  raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str = ""):
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  kwargs = {}
+  for k, v in data.items():
+    full = f"{prefix}.{k}" if prefix else str(k)
+    if k not in names:
+      close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.5)
+      hint = f"; did you mean {' or '.join(repr((prefix + '.' if prefix else '') + c) for c in close)}?" if close else ""
+      raise ConfigError(f"{full}: unknown key{hint} (valid keys: {', '.join(names)})")
+    kwargs[k] = _coerce(v, hints[k], full)
+  return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError:
+    return text
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+  """Applies ``a.b=c`` overrides to a nested dict (values parsed as YAML)."""
+  data = _deep_copy(data)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected key=value, e.g. loss.name=kl_cov")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+      nxt = node.setdefault(p, {})
+      if not isinstance(nxt, dict):
+        raise ConfigError(f"override {key}: {p!r} is not a section")
+      node = nxt
+    node[parts[-1]] = _parse_scalar(text)
+  return data
+
+
+def _deep_copy(d):
+  if isinstance(d, Mapping):
+    return {k: _deep_copy(v) for k, v in d.items()}
+  return d
+
+
+def from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+  data = apply_overrides(dict(data or {}), overrides)
+  return _build(Config, data).validate()
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+  """Loads a YAML config file, applies overrides and validates."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"config file not found: {path}") from None
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+  if data is not None and not isinstance(data, Mapping):
+    raise ConfigError(f"{path}: the top level must be a mapping of sections")
+  return from_dict(data or {}, overrides)
