@@ -1,0 +1,203 @@
+"""Host I/O for the entropy–performance law: read a run, write law.json/png.
+
+Kept out of the package's public import (``jaxent.diagnostics`` does not
+import this module) because it reads files and pulls in matplotlib; the CLI
+imports it lazily.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxent.diagnostics._law import LawFit
+
+# Tried in order when no y key is given: held-out accuracy is what the paper
+# fits; a training run may only log the mean reward.
+DEFAULT_Y_KEYS = ("accuracy", "reward")
+DEFAULT_X_KEY = "entropy"
+
+
+class Series(NamedTuple):
+  """(entropy, reward) points read from a run's metrics.jsonl."""
+  x: np.ndarray  # float64 [n]
+  y: np.ndarray  # float64 [n]
+  steps: np.ndarray | None  # [n], or None where lines carry no "step"
+  x_key: str
+  y_key: str
+  n_lines: int  # non-blank lines in the file
+  n_malformed: int  # lines that are not a JSON object (skipped)
+  n_missing: int  # objects lacking a numeric x or y (skipped)
+  n_nonfinite: int  # objects whose x or y is NaN/inf (skipped)
+
+
+def _lookup(record: dict, key: str):
+  """``record[key]``, else a dotted path into nested objects ("eval.acc")."""
+  if key in record:
+    return record[key]
+  node = record
+  for part in key.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _number(value) -> float | None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return float(value)
+
+
+def read_metrics(run_dir: str, *, x_key: str = DEFAULT_X_KEY,
+                 y_key: str | None = None) -> Series:
+  """Read ``RUN_DIR/metrics.jsonl`` into an (x, y) series.
+
+  Lines that are not JSON objects, lack a numeric ``x_key`` or ``y_key``, or
+  carry NaN/inf are skipped and counted. Points are ordered by ``step`` when
+  every kept line has one (a resumed run may append out of order), else by
+  line order.
+
+  Raises:
+    FileNotFoundError: no directory or no metrics.jsonl in it.
+    ValueError: no line has both keys.
+  """
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"run directory not found: {run_dir}")
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+
+  records, n_lines, n_malformed = [], 0, 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      n_lines += 1
+      try:
+        obj = json.loads(line)
+      except ValueError:
+        n_malformed += 1
+        continue
+      if not isinstance(obj, dict):
+        n_malformed += 1
+        continue
+      records.append(obj)
+
+  if y_key is None:
+    found = [k for k in DEFAULT_Y_KEYS
+             if any(_number(_lookup(r, k)) is not None for r in records)]
+    if not found:
+      raise ValueError(
+          f"{path}: no line has any of the keys {list(DEFAULT_Y_KEYS)}; "
+          "choose the performance metric with --y-key")
+    y_key = found[0]
+
+  xs, ys, steps, n_missing, n_nonfinite = [], [], [], 0, 0
+  for r in records:
+    x, y = _number(_lookup(r, x_key)), _number(_lookup(r, y_key))
+    if x is None or y is None:
+      n_missing += 1
+      continue
+    if not (math.isfinite(x) and math.isfinite(y)):
+      n_nonfinite += 1
+      continue
+    xs.append(x)
+    ys.append(y)
+    steps.append(_number(r.get("step")))
+  if not xs:
+    raise ValueError(
+        f"{path}: none of its {n_lines} lines has numeric, finite "
+        f"{x_key!r} and {y_key!r} ({n_malformed} malformed, {n_missing} "
+        f"lacking a key, {n_nonfinite} non-finite)")
+
+  x, y = np.asarray(xs), np.asarray(ys)
+  step_arr = None
+  if all(s is not None for s in steps):
+    step_arr = np.asarray(steps)
+    order = np.argsort(step_arr, kind="stable")
+    x, y, step_arr = x[order], y[order], step_arr[order]
+  return Series(x=x, y=y, steps=step_arr, x_key=x_key, y_key=y_key,
+                n_lines=n_lines, n_malformed=n_malformed, n_missing=n_missing,
+                n_nonfinite=n_nonfinite)
+
+
+def _finite_or_none(v: float):
+  return v if math.isfinite(v) else None
+
+
+def law_record(fit: LawFit, series: Series, fit_first: int | None) -> dict:
+  """The content of law.json (NaN becomes null: JSON has no NaN)."""
+  return {
+      "law": "R = -a*exp(H) + b",
+      "a": fit.a,
+      "b": fit.b,
+      "r2": _finite_or_none(fit.r2),
+      "ceiling": fit.ceiling,
+      "method": fit.method,
+      "x_key": series.x_key,
+      "y_key": series.y_key,
+      "n_points": int(series.x.size),
+      "fit_first": fit_first,
+      "n_fit": fit.n_fit,
+      "rmse": fit.rmse,
+      "n_pred": fit.n_pred,
+      "pred_rmse": _finite_or_none(fit.pred_rmse),
+      "pred_mae": _finite_or_none(fit.pred_mae),
+      "first_step": None if series.steps is None else float(series.steps[0]),
+      "last_step": None if series.steps is None else float(series.steps[-1]),
+      "skipped": {
+          "malformed": series.n_malformed,
+          "missing_key": series.n_missing,
+          "non_finite": series.n_nonfinite,
+      },
+  }
+
+
+def write_law_json(path: str, record: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2)
+    f.write("\n")
+
+
+def plot_law(path: str, fit: LawFit, series: Series) -> None:
+  """Reward against entropy, the fitted curve, and the predicted ceiling."""
+  # The object-oriented Agg API: no pyplot, no global backend switch, so it
+  # is safe inside a notebook or any process that already chose a backend.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6.4, 4.4), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  k = fit.n_fit
+  ax.scatter(series.x[:k], series.y[:k], s=14, color="tab:blue",
+             label=f"fitted ({k})" if fit.n_pred else f"points ({k})")
+  if fit.n_pred:
+    ax.scatter(series.x[k:], series.y[k:], s=14, facecolors="none",
+               edgecolors="tab:orange",
+               label=f"held out ({fit.n_pred}), RMSE {fit.pred_rmse:.3g}")
+  h = np.linspace(0.0, 1.05 * float(series.x.max()), 200)
+  ax.plot(h, fit.predict(h), color="black", lw=1.5,
+          label=f"R = -{fit.a:.3g}·exp(H) + {fit.b:.3g}  (r² {fit.r2:.3f})")
+  ax.axhline(fit.ceiling, color="tab:red", ls="--", lw=1)
+  ax.plot([0.0], [fit.ceiling], marker="*", ms=12, color="tab:red",
+          label=f"ceiling at H = 0: {fit.ceiling:.3g}")
+  ax.set_xlabel(f"entropy H ({series.x_key})")
+  ax.set_ylabel(f"performance R ({series.y_key})")
+  ax.set_title(f"entropy–performance law ({fit.method})")
+  ax.legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+
+
+def summary_line(fit: LawFit, series: Series, out_dir: str) -> str:
+  skipped = series.n_malformed + series.n_missing + series.n_nonfinite
+  pred = (f", held-out RMSE {fit.pred_rmse:.4g} on {fit.n_pred}"
+          if fit.n_pred else "")
+  return (f"{series.y_key} = -{fit.a:.4g}*exp({series.x_key}) + {fit.b:.4g}: "
+          f"r2 {fit.r2:.4f}, ceiling {fit.ceiling:.4g}, n {fit.n_fit}{pred}, "
+          f"skipped {skipped} -> {os.path.join(out_dir, 'law.json')}, law.png")
