@@ -1,15 +1,27 @@
-"""Fixed-shape top-k selection with a traced count.
+"""Fixed-shape top-k selection with a traced count, local and mesh-wide.
 
 The covariance losses choose a data-dependent number of tokens,
 ``max(1, floor(ratio * N))`` with ``N`` the number of valid tokens. Shapes must
 stay static, so the count is a traced scalar compared against ranks produced
 by a ``lax.top_k`` of static size ``k_max``; the count never becomes a shape.
+
+On a device mesh whose batch axes have more than one device, the top-k is
+two-stage (``shard_map``): each shard takes its local top-k, the shards
+exchange only those ``k`` candidates, and a final top-k picks the global
+winners. The result is identical to the single-device one, and the traffic is
+``devices * k`` elements, never the token array.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+# Mesh axes that shard the batch (row) dimension of [B, T] token arrays. The
+# sharding package's logical table maps "batch" to these; it is defined here
+# because ops (layer 1) may not import jaxent.sharding (layer 2).
+BATCH_AXES = ("data", "fsdp")
 
 # ratio * N is formed in float32. The reference forms it in float64 with a
 # Python float ratio; a decimal ratio such as 2e-4 is not exact in float32
@@ -46,11 +58,27 @@ def static_count_bound(ratio: float, size: int) -> int:
   return max(1, min(k, int(size)))
 
 
-def top_k_mask(scores: jax.Array, valid: jax.Array, count, *, k_max: int) -> jax.Array:
+def top_k_mask(scores: jax.Array, valid: jax.Array, count, *, k_max: int,
+               mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+               batch_axes: tuple[str, ...] = BATCH_AXES) -> jax.Array:
   """Boolean mask of the ``count`` highest ``scores`` among ``valid`` entries.
 
-  Ties are broken by position: the lower flat (row-major) index wins, as in
-  ``lax.top_k``. At most ``min(count, k_max, valid.sum())`` entries are set.
+  Ranks follow ``lax.top_k`` over the flat (row-major) array with invalid
+  entries set to ``-inf``: higher score first, ties broken by position (the
+  lower flat index wins). The first ``min(count, k_max)`` ranks are chosen and
+  then restricted to valid entries, so at most ``min(count, k_max, sum(valid))``
+  entries are set.
+
+  On a mesh (``mesh=``, else the one set by ``jax.set_mesh``) whose
+  ``batch_axes`` hold ``D > 1`` devices, dimension 0 is sharded over those
+  axes and the selection is two-stage: shard ``d`` takes the top
+  ``k_loc = min(k_max, B*T/D)`` of its rows with their global flat indices;
+  an all-gather over the batch axes exchanges those ``D * k_loc`` candidates
+  (shard order = row order, so equal scores stay in global index order); a
+  final top-``k_max`` picks the global winners, and each shard sets the
+  winners that fall in its rows. Every global top-``k_max`` entry is in its
+  shard's top-``k_loc``, so the result is identical to the single-device one;
+  the output stays sharded like the input.
 
   Args:
     scores: float ``[B, T]``; values at invalid positions are ignored (they
@@ -58,15 +86,91 @@ def top_k_mask(scores: jax.Array, valid: jax.Array, count, *, k_max: int) -> jax
     valid: bool ``[B, T]``.
     count: traced int scalar, the number to select.
     k_max: static bound on ``count``; the size of the top-k.
+    mesh: the mesh to select over; default: the mesh set by ``jax.set_mesh``
+      (none: single-device path).
+    batch_axes: mesh axes that shard dimension 0; names absent from the mesh
+      (or manual there, inside a caller's ``shard_map``) are ignored.
 
   Returns:
     bool ``[B, T]``.
+
+  Raises:
+    ValueError: if ``scores`` and ``valid`` differ in shape, or on a mesh if
+      ``B`` is not divisible by the number of batch-axis devices.
   """
+  if scores.shape != valid.shape:
+    raise ValueError(f"top_k_mask: scores shape {scores.shape} != valid shape {valid.shape}")
+  k_max = int(min(max(k_max, 1), scores.size))
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  axes = _active_batch_axes(mesh, batch_axes)
+  n_shards = 1
+  for a in axes:
+    n_shards *= mesh.shape[a]
+  # Explicit-typed meshes (jax.make_mesh's default) also take the shard_map
+  # path at one batch shard: there a plain top_k of an array typed as sharded
+  # over size-1 axes is a sharding-type error.
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+  if scores.ndim == 0 or not axes or (n_shards == 1 and not explicit):
+    return _top_k_mask_local(scores, valid, count, k_max)
+  if scores.shape[0] % n_shards:
+    sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"top_k_mask: batch size B={scores.shape[0]} (scores shape {scores.shape}) "
+                     f"is not divisible by the {n_shards} devices of the batch mesh axes "
+                     f"({sizes})")
+  if explicit:
+    # Explicit-typed inputs must already carry the specs shard_map is given.
+    spec = P(axes, *([None] * (scores.ndim - 1)))
+    scores = jax.sharding.reshard(scores, spec)
+    valid = jax.sharding.reshard(valid, spec)
+  return _top_k_mask_sharded(scores, valid, count, k_max, mesh, axes, n_shards)
+
+
+def _active_batch_axes(mesh, batch_axes) -> tuple[str, ...]:
+  if mesh is None or mesh.empty:
+    return ()
+  if isinstance(batch_axes, str):
+    batch_axes = (batch_axes,)
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  return tuple(a for a in batch_axes if a in mesh.axis_names and a not in manual)
+
+
+def _top_k_mask_local(scores, valid, count, k_max):
   shape = scores.shape
   flat = jnp.where(valid, scores, -jnp.inf).reshape(-1).astype(jnp.float32)
   v = valid.reshape(-1)
-  k_max = int(min(max(k_max, 1), flat.shape[0]))
   _, idx = lax.top_k(flat, k_max)
   keep = (jnp.arange(k_max) < count) & v[idx]
   sel = jnp.zeros(flat.shape, bool).at[idx].set(keep, mode="drop")
   return sel.reshape(shape)
+
+
+def _top_k_mask_sharded(scores, valid, count, k_max, mesh, axes, n_shards):
+  shape = scores.shape
+  local_n = scores.size // n_shards
+  k_loc = min(k_max, local_n)
+  spec = P(axes, *([None] * (scores.ndim - 1)))
+
+  def shard_fn(s, v, c):
+    flat = jnp.where(v, s, -jnp.inf).reshape(-1).astype(jnp.float32)
+    vflat = v.reshape(-1)
+    vals, idx = lax.top_k(flat, k_loc)
+    # Rows are laid out shard after shard along the linearised batch axes, so
+    # this shard's first flat index is its linear index times local_n.
+    offset = lax.axis_index(axes) * local_n
+    # Tiled all-gather in the same linear order: candidates arrive sorted by
+    # shard, i.e. equal scores stay in ascending global index, and the final
+    # top_k's positional tie-break equals the single-device one.
+    all_vals = lax.all_gather(vals, axes, tiled=True)   # [D * k_loc]
+    all_idx = lax.all_gather(idx + offset, axes, tiled=True)
+    _, pos = lax.top_k(all_vals, k_max)
+    local = all_idx[pos] - offset                       # [k_max]
+    here = (local >= 0) & (local < local_n)
+    local = jnp.where(here, local, local_n)             # out of range: dropped
+    keep = (jnp.arange(k_max) < c) & here & vflat[jnp.minimum(local, local_n - 1)]
+    sel = jnp.zeros((local_n,), bool).at[local].set(keep, mode="drop")
+    return sel.reshape(s.shape)
+
+  count = jnp.asarray(count, jnp.int32)
+  return jax.shard_map(shard_fn, mesh=mesh, in_specs=(spec, spec, P()),
+                       out_specs=spec)(scores, valid, count)

@@ -6,14 +6,17 @@ the mesh ``("data", "fsdp", "tensor")``.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# The batch axes are defined in ops (layer 1), whose sharded top-k needs them
+# and which may not import this package (layer 2).
+from jaxent.ops._select import BATCH_AXES
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical axis -> mesh axes (None: replicated). Activations are batch-sharded
 # over data+fsdp; parameters are FSDP-sharded on their embed dimension and
@@ -34,34 +37,50 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes ``("data", "fsdp", "tensor")``.
+              devices: Sequence[jax.Device] | None = None, *,
+              axis_types: AxisType | Sequence[AxisType] = AxisType.Auto) -> Mesh:
+  """A mesh with axes ``("data", "fsdp", "tensor")`` over all given devices.
 
   One of the sizes may be ``-1`` and is then inferred from the device count.
-  Raises ``ValueError`` naming the sizes when they do not divide the devices.
+  The device order comes from ``jax.make_mesh``, which follows the physical
+  topology on TPU/GPU (rings for the collectives) and is the plain order on
+  CPU. Axes default to ``AxisType.Auto`` (GSPMD propagates shardings from
+  in/out shardings and ``constrain``), unlike ``jax.make_mesh``'s Explicit
+  default.
+
+  Args:
+    data, fsdp, tensor: axis sizes; their product must equal the number of
+      devices.
+    devices: the devices to use (default ``jax.devices()``, all hosts).
+    axis_types: one ``AxisType`` for all axes, or one per axis.
+
+  Raises:
+    ValueError: naming the sizes and the device count when they do not fit.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   sizes = [data, fsdp, tensor]
   for name, s in zip(AXES, sizes):
-    if s == 0 or s < -1:
-      raise ValueError(f"mesh axis {name!r} has size {s}; sizes must be positive or -1")
+    if not isinstance(s, int) or s == 0 or s < -1:
+      raise ValueError(f"mesh axis {name!r} has size {s!r}; sizes must be positive ints or -1")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-  known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
     if n % known:
-      raise ValueError(f"mesh fsdp*tensor*data={known} (without the -1 axis) does not divide "
-                       f"the {n} available devices")
+      named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes) if s != -1)
+      raise ValueError(f"mesh {named} = {known} does not divide the {n} available devices, "
+                       f"so the -1 axis {AXES[sizes.index(-1)]!r} cannot be inferred")
     sizes[sizes.index(-1)] = n // known
-  if int(np.prod(sizes)) != n:
+  if math.prod(sizes) != n:
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                     f"{int(np.prod(sizes))} devices, but {n} are available")
-  try:
-    arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
-  except Exception:  # noqa: BLE001 - CPU/host devices have no topology to honour
-    arr = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(arr, AXES)
+                     f"{math.prod(sizes)} devices, but {n} are available")
+  if isinstance(axis_types, AxisType):
+    axis_types = (axis_types,) * len(AXES)
+  axis_types = tuple(axis_types)
+  if len(axis_types) != len(AXES):
+    raise ValueError(f"axis_types has {len(axis_types)} entries {axis_types}; need {len(AXES)}")
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None],
@@ -86,22 +105,39 @@ def logical_to_spec(logical_axes: Sequence[str | None],
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
                    rules: dict | None = None) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+  """``NamedSharding`` on ``mesh`` for a tuple of logical axis names."""
+  return NamedSharding(mesh, _restrict(logical_to_spec(logical_axes, rules), mesh))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None],
               rules: dict | None = None) -> jax.Array:
-  """``with_sharding_constraint`` by logical axes; a no-op without a mesh.
+  """Sharding constraint by logical axes; a no-op without a mesh.
 
-  Uses the mesh set by ``jax.set_mesh`` (or ``with mesh:``). Outside any mesh,
-  or on a single device, it returns ``x`` unchanged, so model code can call it
-  unconditionally.
+  Uses the mesh set by ``jax.set_mesh``. Outside any mesh, or on a single
+  device, it returns ``x`` unchanged, so model code can call it
+  unconditionally. Mesh axes the current mesh lacks, or holds as manual
+  (inside ``shard_map``), are dropped from the spec. On Auto axes it is
+  ``with_sharding_constraint``; on Explicit axes ``reshard``.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size == 1:
-    return x
   if len(logical_axes) != x.ndim:
     raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} "
                      f"for an array of rank {x.ndim}")
-  spec = logical_to_spec(logical_axes, rules)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return x
+  spec = _restrict(logical_to_spec(logical_axes, rules), mesh)
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _restrict(spec: P, mesh) -> P:
+  """Drop mesh axes that ``mesh`` does not have, or has as manual axes."""
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  names = {a for a in mesh.axis_names if a not in manual}
+  out = []
+  for p in spec:
+    ms = () if p is None else ((p,) if isinstance(p, str) else tuple(p))
+    ms = tuple(a for a in ms if a in names)
+    out.append(None if not ms else (ms[0] if len(ms) == 1 else ms))
+  return P(*out)

@@ -1,0 +1,182 @@
+"""Mesh-wide top-k selection: identical to one device, and cheap to exchange.
+
+The reference is a float64 NumPy ranking (score descending, flat index
+ascending); the sharded two-stage top-k must reproduce the single-device
+selection bit for bit on meshes (8,1,1), (2,4,1) and (2,2,2), through
+``jax.set_mesh`` and through an explicit ``mesh=``.
+"""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxent import ops
+from jaxent.sharding import make_mesh
+
+B, T = 16, 12          # 8 shards -> 2 rows = 24 tokens per shard
+K_MAX = 40             # > a shard's 24 tokens: every shard sends all of them
+MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+BATCH = P(("data", "fsdp"))
+
+
+def np_top_k_mask(scores, valid, count, k_max):
+  """Independent reference: stable rank by (-score, flat index)."""
+  s = np.where(valid, scores.astype(np.float32).astype(np.float64), -np.inf).ravel()
+  order = np.lexsort((np.arange(s.size), -s))
+  chosen = order[:min(count, k_max)]
+  out = np.zeros(s.size, bool)
+  out[chosen] = valid.ravel()[chosen]
+  return out.reshape(scores.shape)
+
+
+def make_case(seed, *, ties=False, ragged=True):
+  rng = np.random.default_rng(seed)
+  if ties:  # few distinct values: most of the ranking is tie-breaking
+    s = rng.integers(0, 3, (B, T)).astype(np.float32)
+  else:
+    s = rng.normal(size=(B, T)).astype(np.float32)
+  if ragged:  # right-padded rows of random length, two rows empty
+    lens = rng.integers(0, T + 1, B)
+    lens[[3, 10]] = 0
+    v = np.arange(T)[None, :] < lens[:, None]
+  else:
+    v = np.ones((B, T), bool)
+  # Garbage at padding must be ignored.
+  junk = np.array([np.nan, np.inf, -np.inf, 1e30], np.float32)
+  s = np.where(v, s, junk[rng.integers(0, 4, (B, T))])
+  return s, v
+
+
+CASES = [
+    # (seed, ties, ragged, count)
+    (0, False, True, 7),
+    (1, True, True, 30),     # ties; count > a shard's valid tokens
+    (2, True, False, 40),    # all valid, count == k_max > a shard's 24 tokens
+    (3, False, True, 500),   # count > all valid tokens: every valid one, capped at k_max
+]
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_of(shape):
+  return make_mesh(*shape)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(k_max):
+  return jax.jit(functools.partial(ops.top_k_mask, k_max=k_max))
+
+
+def single(s, v, count, k_max=K_MAX):
+  return np.asarray(jitted(k_max)(s, v, count))
+
+
+def test_single_device_matches_numpy_reference():
+  for seed, ties, ragged, count in CASES:
+    s, v = make_case(seed, ties=ties, ragged=ragged)
+    want = np_top_k_mask(s, v, count, K_MAX)
+    np.testing.assert_array_equal(single(s, v, count), want)
+    assert want.sum() == min(count, K_MAX, v.sum())
+
+
+def test_all_equal_scores_pick_lowest_flat_indices():
+  s = np.zeros((B, T), np.float32)
+  v = np.ones((B, T), bool)
+  v[0] = False                              # shard 0's first row is padding
+  want = np.zeros(B * T, bool)
+  want[T:T + 30] = True                     # then the first 30 valid, in order
+  mesh = mesh_of((8, 1, 1))
+  got = ops.top_k_mask(s, v, 30, k_max=K_MAX, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(got).ravel(), want)
+
+
+@pytest.mark.parametrize("shape", MESH_SHAPES)
+def test_set_mesh_matches_single_device(shape):
+  mesh = mesh_of(shape)
+  sh = NamedSharding(mesh, BATCH)
+  cases = [make_case(seed, ties=ties, ragged=ragged) + (count,)
+           for seed, ties, ragged, count in CASES]
+  want = [single(s, v, count) for s, v, count in cases]   # no mesh set here
+  with jax.set_mesh(mesh):
+    f = jax.jit(functools.partial(ops.top_k_mask, k_max=K_MAX))
+    got = [f(jax.device_put(s, sh), jax.device_put(v, sh), count) for s, v, count in cases]
+  for g, w, (seed, *_) in zip(got, want, CASES):
+    # Output stays sharded over the batch axes (no gather of the mask).
+    assert g.sharding.spec[0] == ("data", "fsdp"), g.sharding
+    np.testing.assert_array_equal(np.asarray(g), w, err_msg=f"mesh {shape} case {seed}")
+
+
+@pytest.mark.parametrize("shape", MESH_SHAPES)
+def test_explicit_mesh_argument_matches_single_device(shape):
+  mesh = mesh_of(shape)
+  # Small k_max: each shard sends fewer candidates than it holds.
+  f = jax.jit(functools.partial(ops.top_k_mask, k_max=5, mesh=mesh))
+  for seed, ties, ragged, count in CASES[:2]:
+    s, v = make_case(seed, ties=ties, ragged=ragged)
+    got = f(s, v, count)
+    np.testing.assert_array_equal(np.asarray(got), single(s, v, count, k_max=5))
+
+
+def test_explicit_axis_types_mesh():
+  # jax.make_mesh's default is Explicit axes; inputs sharded over T too.
+  mesh = make_mesh(2, 2, 2, axis_types=jax.sharding.AxisType.Explicit)
+  s, v = make_case(1, ties=True)
+  want = single(s, v, 30)
+  with jax.set_mesh(mesh):
+    sh = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+    f = jax.jit(functools.partial(ops.top_k_mask, k_max=K_MAX))
+    got = f(jax.device_put(s, sh), jax.device_put(v, sh), 30)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_batch_not_divisible_names_the_numbers():
+  mesh = mesh_of((2, 4, 1))
+  s = np.zeros((12, 4), np.float32)
+  with pytest.raises(ValueError, match=r"B=12.*8 devices.*data=2 x fsdp=4"):
+    ops.top_k_mask(s, s > 0, 1, k_max=2, mesh=mesh)
+  with pytest.raises(ValueError, match="valid shape"):
+    ops.top_k_mask(s, s[:, :2] > 0, 1, k_max=2, mesh=mesh)
+
+
+# ---- compiled program: only devices x k elements cross the mesh ----------
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-to-all|collective-permute)(?:-start)?\(")
+_SHAPE = re.compile(r"\b(?:pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def collective_sizes(hlo_text):
+  """(op, elements) for each gathering collective in compiled HLO text."""
+  out = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    shapes = _SHAPE.findall(m.group(1))
+    n = max((int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in shapes),
+            default=0)
+    out.append((m.group(2), n))
+  return out
+
+
+def test_hlo_never_gathers_the_token_array():
+  bb, tt, k = 64, 128, 32                   # 8192 tokens, 8 x 32 = 256 candidates
+  mesh = mesh_of((2, 2, 2))
+  sh = NamedSharding(mesh, BATCH)
+  args = (jax.ShapeDtypeStruct((bb, tt), jnp.float32, sharding=sh),
+          jax.ShapeDtypeStruct((bb, tt), jnp.bool_, sharding=sh),
+          jax.ShapeDtypeStruct((), jnp.int32))
+  with jax.set_mesh(mesh):
+    text = jax.jit(functools.partial(ops.top_k_mask, k_max=k)).lower(*args).compile().as_text()
+    # Control: the parser does see a gather of the whole token array.
+    bad = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+    bad_text = bad.lower(args[0]).compile().as_text()
+  assert max(n for _, n in collective_sizes(bad_text)) >= bb * tt
+  sizes = collective_sizes(text)
+  assert sizes, "expected the candidate all-gather"
+  # 4 batch shards (data x fsdp) x k candidates.
+  assert max(n for _, n in sizes) == 4 * k, sizes
+  assert all(n < bb * tt for _, n in sizes), sizes
