@@ -6,7 +6,6 @@ selection bit for bit on meshes (8,1,1), (2,4,1) and (2,2,2), through
 ``jax.set_mesh`` and through an explicit ``mesh=``.
 """
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxent import ops
-from jaxent.sharding import make_mesh
+from jaxent.sharding import collective_sizes, make_mesh
 
 B, T = 16, 12          # 8 shards -> 2 rows = 24 tokens per shard
 K_MAX = 40             # > a shard's 24 tokens: every shard sends all of them
@@ -142,25 +141,6 @@ def test_batch_not_divisible_names_the_numbers():
 
 
 # ---- compiled program: only devices x k elements cross the mesh ----------
-
-_COLLECTIVE = re.compile(
-    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-to-all|collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"\b(?:pred|[suf]\d+|bf16)\[([\d,]*)\]")
-
-
-def collective_sizes(hlo_text):
-  """(op, elements) for each gathering collective in compiled HLO text."""
-  out = []
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE.search(line)
-    if not m:
-      continue
-    shapes = _SHAPE.findall(m.group(1))
-    n = max((int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in shapes),
-            default=0)
-    out.append((m.group(2), n))
-  return out
-
 
 def test_hlo_never_gathers_the_token_array():
   bb, tt, k = 64, 128, 32                   # 8192 tokens, 8 x 32 = 256 candidates

@@ -82,3 +82,17 @@ def test_named_sharding():
   mesh = sharding.make_mesh(2, 2, 2)
   s = sharding.named_sharding(mesh, ("batch", "seq"))
   assert s.spec == P(("data", "fsdp"), None) and s.mesh is mesh
+
+
+def test_collective_sizes_parses_hlo_lines():
+  text = """
+  %all-gather.1 = f32[256]{0} all-gather(f32[32]{0} %p), channel_id=1, dimensions={0}
+  %ag-start = (s32[32]{0}, s32[4096,2]{1,0}) all-gather-start(s32[32]{0} %q), dimensions={0}
+  %a2a = (bf16[8,16]{1,0}, bf16[8,16]{1,0}) all-to-all(bf16[8,16]{1,0} %x, bf16[8,16]{1,0} %y)
+  %cp = pred[3,5]{1,0} collective-permute(pred[3,5]{1,0} %m), source_target_pairs={{0,1}}
+  %ar = f32[1000]{0} all-reduce(f32[1000]{0} %s), to_apply=%add
+  %add.2 = f32[7]{0} add(f32[7]{0} %u, f32[7]{0} %v)
+  """
+  assert sharding.collective_sizes(text) == [
+      ("all-gather", 256), ("all-gather", 8192), ("all-to-all", 128), ("collective-permute", 15)]
+  assert sharding.collective_sizes(text, ops=("all-reduce",)) == [("all-reduce", 1000)]

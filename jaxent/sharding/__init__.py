@@ -1,4 +1,5 @@
 """Layer 2: the device mesh and the logical-axis table."""
+from jaxent.sharding._hlo import GATHERING_COLLECTIVES, collective_sizes
 from jaxent.sharding._mesh import (
     AXES,
     BATCH_AXES,
@@ -12,7 +13,9 @@ from jaxent.sharding._mesh import (
 __all__ = [
     "AXES",
     "BATCH_AXES",
+    "GATHERING_COLLECTIVES",
     "LOGICAL_RULES",
+    "collective_sizes",
     "constrain",
     "logical_to_spec",
     "make_mesh",
