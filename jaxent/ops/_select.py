@@ -146,7 +146,6 @@ def _top_k_mask_local(scores, valid, count, k_max):
 
 
 def _top_k_mask_sharded(scores, valid, count, k_max, mesh, axes, n_shards):
-  shape = scores.shape
   local_n = scores.size // n_shards
   k_loc = min(k_max, local_n)
   spec = P(axes, *([None] * (scores.ndim - 1)))
