@@ -1,4 +1,17 @@
 """Layer 1: masked reductions, log-probs/entropy from logits, fixed-shape top-k."""
+from jaxent.ops._logprobs import HiddenAndHead, entropy_from_logits, logprobs_and_entropy
+from jaxent.ops._masked import AGG_MODES, aggregate, masked_mean, masked_sum
 from jaxent.ops._select import selection_count, static_count_bound, top_k_mask
 
-__all__ = ["selection_count", "static_count_bound", "top_k_mask"]
+__all__ = [
+    "AGG_MODES",
+    "HiddenAndHead",
+    "aggregate",
+    "entropy_from_logits",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_sum",
+    "selection_count",
+    "static_count_bound",
+    "top_k_mask",
+]

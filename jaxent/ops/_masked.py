@@ -1,0 +1,96 @@
+"""Masked reductions and the loss aggregation modes.
+
+Masks select with ``jnp.where``, never multiply: ``0 * nan`` is ``nan`` and
+``0 * inf`` is ``nan``, so a product would let a NaN or inf sitting in a padding
+position leak into the value, and its cotangent into the gradient. ``where``
+sends a zero cotangent to the unselected branch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxent.ops._checks import as_valid, check_ndim, check_scalar, check_shapes, upcast
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` where ``den > 0``, else 0 (and a zero gradient)."""
+  den = jnp.asarray(den, num.dtype)
+  ok = den > 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None, *, keepdims: bool = False) -> jax.Array:
+  """``Σ x·M`` over ``axis`` (computed as a select, so masked NaN/inf are ignored)."""
+  check_shapes("x", x, mask=mask)
+  x = upcast(x)
+  return jnp.sum(jnp.where(as_valid(mask), x, 0), axis=axis, keepdims=keepdims)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None, *, keepdims: bool = False) -> jax.Array:
+  """``Σ x·M / Σ M`` over ``axis``; 0 where no element is valid."""
+  valid = as_valid(mask)
+  total = masked_sum(x, valid, axis=axis, keepdims=keepdims)
+  count = jnp.sum(valid, axis=axis, keepdims=keepdims)
+  return _safe_div(total, count)
+
+
+def check_agg(agg: str) -> None:
+  if agg not in AGG_MODES:
+    raise ValueError(f"agg must be one of {list(AGG_MODES)}, got {agg!r}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, agg: str = "token-mean", *,
+              num_tokens=None, num_seqs=None, max_len=None) -> jax.Array:
+  """Reduces a per-token ``[B, T]`` array to a scalar.
+
+  With ``M`` the mask, ``N = Σ M`` and ``S`` the number of non-empty rows:
+
+  * ``"token-mean"``: ``Σ L·M / N``.
+  * ``"seq-mean-token-sum"``: ``Σ_b (Σ_t L·M) / S``.
+  * ``"seq-mean-token-mean"``: ``Σ_b (Σ_t L·M / Σ_t M) / S`` (empty rows add 0).
+  * ``"seq-mean-token-sum-norm"``: ``Σ L·M / T`` (Dr.GRPO), ``T`` the padded
+    length or ``max_len``.
+
+  Every mode is 0, with zero gradient, on an all-masked batch.
+
+  Micro-batch gradient accumulation: pass the mini-batch's global ``N``
+  (``num_tokens``) and ``S`` (``num_seqs``), and a fixed ``max_len``; then the
+  sum over micro-batches (split along rows) of ``aggregate`` equals the
+  mini-batch value exactly, since every mode is a sum over rows divided by a
+  batch-wide constant. Each may be a traced scalar; when ``None`` it is
+  computed from ``mask``.
+
+  Args:
+    per_token: float ``[B, T]``; values at masked positions are ignored.
+    mask: ``[B, T]``, nonzero for a valid token.
+    agg: one of ``AGG_MODES``.
+    num_tokens: optional normalizer ``N`` for ``"token-mean"``.
+    num_seqs: optional normalizer ``S`` for the ``"seq-mean-*"`` modes.
+    max_len: optional ``T`` for ``"seq-mean-token-sum-norm"``.
+
+  Returns:
+    a float32 (or float64) scalar.
+  """
+  check_agg(agg)
+  check_ndim("per_token", per_token, 2, "a [batch, time] array")
+  check_shapes("per_token", per_token, mask=mask)
+  check_scalar("num_tokens", 0 if num_tokens is None else num_tokens, low=0)
+  check_scalar("num_seqs", 0 if num_seqs is None else num_seqs, low=0)
+  check_scalar("max_len", 1 if max_len is None else max_len, low=0, low_open=True)
+  valid = as_valid(mask)
+  x = jnp.where(valid, upcast(per_token), 0)
+  if agg == "token-mean":
+    n = jnp.sum(valid) if num_tokens is None else num_tokens
+    return _safe_div(jnp.sum(x), n)
+  if agg == "seq-mean-token-sum-norm":
+    t = per_token.shape[-1] if max_len is None else max_len
+    return jnp.sum(x) / jnp.asarray(t, x.dtype)
+  row_len = jnp.sum(valid, axis=-1)
+  row_sum = jnp.sum(x, axis=-1)
+  s = jnp.sum(row_len > 0) if num_seqs is None else num_seqs
+  if agg == "seq-mean-token-sum":
+    return _safe_div(jnp.sum(row_sum), s)
+  return _safe_div(jnp.sum(_safe_div(row_sum, row_len)), s)
