@@ -1,0 +1,4 @@
+"""Layer 5: prompts -> sampler -> rewards -> advantages -> a fixed-shape Batch."""
+from jaxent.rollout._rollout import RolloutStats, assemble, bucket_length, to_device
+
+__all__ = ["RolloutStats", "assemble", "bucket_length", "to_device"]
