@@ -8,6 +8,7 @@ Exit codes: 0 success, 2 bad usage or bad input (with a message on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -55,9 +56,9 @@ def _run_fit_law(args: argparse.Namespace) -> int:
                           method=args.method)
   except (OSError, ValueError) as e:
     return _error(str(e))
-  _report.write_law_json(f"{args.run_dir}/law.json",
+  _report.write_law_json(os.path.join(args.run_dir, "law.json"),
                          _report.law_record(fit, series, args.fit_first))
-  _report.plot_law(f"{args.run_dir}/law.png", fit, series)
+  _report.plot_law(os.path.join(args.run_dir, "law.png"), fit, series)
   print(_report.summary_line(fit, series, args.run_dir))
   return EXIT_OK
 
