@@ -1,0 +1,24 @@
+"""Layer 2: pure policy losses (PPO-clip, Clip-Cov, KL-Cov) and regularizers.
+
+Every function takes ``[batch, time]`` response-token arrays and a mask, is
+jit-able with static shapes, never syncs with the host and returns
+``(loss, metrics)`` (the ``select_*`` functions return a bool ``[B, T]`` mask).
+"""
+from jaxent.losses._covariance import select_clip_cov, select_kl_cov, token_covariance
+from jaxent.losses._policy import clip_cov, kl_cov, ppo_clip
+from jaxent.losses._regularizers import KL_KINDS, entropy_bonus, kl_penalty
+from jaxent.ops._masked import AGG_MODES, aggregate
+
+__all__ = [
+    "AGG_MODES",
+    "KL_KINDS",
+    "aggregate",
+    "clip_cov",
+    "entropy_bonus",
+    "kl_cov",
+    "kl_penalty",
+    "ppo_clip",
+    "select_clip_cov",
+    "select_kl_cov",
+    "token_covariance",
+]
