@@ -3,7 +3,9 @@
 The reference is a float64 NumPy ranking (score descending, flat index
 ascending); the sharded two-stage top-k must reproduce the single-device
 selection bit for bit on meshes (8,1,1), (2,4,1) and (2,2,2), through
-``jax.set_mesh`` and through an explicit ``mesh=``.
+``jax.set_mesh`` and through an explicit ``mesh=``; so must the Clip-Cov and
+KL-Cov selections (Clip-Cov's random choice included) and, to float32
+reduction-order rounding, their losses and metrics.
 """
 import functools
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxent import ops
+from jaxent import losses, ops
 from jaxent.sharding import collective_sizes, make_mesh
 
 B, T = 16, 12          # 8 shards -> 2 rows = 24 tokens per shard
@@ -160,3 +162,57 @@ def test_hlo_never_gathers_the_token_array():
   # 4 batch shards (data x fsdp) x k candidates.
   assert max(n for _, n in sizes) == 4 * k, sizes
   assert all(n < bb * tt for _, n in sizes), sizes
+
+
+# ---- the covariance losses on a mesh --------------------------------------
+
+RATIO = 0.1            # ~12 of ~120 valid tokens: a real choice at this size
+LOSS_KW = dict(ratio=RATIO, k_max=24)
+CLIP_KW = dict(ratio=RATIO, k_max=24, cov_lb=0.2, cov_ub=4.0, clip_low=0.2, clip_high=0.2)
+
+
+def loss_inputs(seed):
+  rng = np.random.default_rng(seed)
+  _, v = make_case(seed)
+  lp = -np.abs(rng.normal(0, 1.5, (B, T))).astype(np.float32)
+  old = (lp + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+  adv = np.repeat(rng.normal(0, 1.5, (B, 1)), T, 1).astype(np.float32)  # GRPO: one per row
+  junk = np.float32(np.nan)  # padding garbage must not leak into the means
+  return tuple(np.where(v, x, junk) for x in (lp, old, adv)) + (v.astype(np.float32),)
+
+
+def all_losses(lp, old, adv, mask, key):
+  sel_kl = losses.select_kl_cov(lp, adv, mask, **LOSS_KW)
+  sel_cc = losses.select_clip_cov(lp, old, adv, mask, key=key, **CLIP_KW)
+  kl = losses.kl_cov(lp, old, adv, mask, **LOSS_KW)
+  cc = losses.clip_cov(lp, old, adv, mask, key=key, **CLIP_KW)
+  return sel_kl, sel_cc, kl, cc
+
+
+@functools.lru_cache(maxsize=None)
+def single_losses(seed, key_seed):
+  return jax.tree.map(np.asarray, jax.jit(all_losses)(*loss_inputs(seed),
+                                                     jax.random.key(key_seed)))
+
+
+@pytest.mark.parametrize("shape", MESH_SHAPES)
+def test_losses_on_mesh_match_single_device(shape):
+  mesh = mesh_of(shape)
+  sh = NamedSharding(mesh, BATCH)
+  with jax.set_mesh(mesh):
+    f = jax.jit(all_losses)
+    for seed, key_seed in [(0, 0), (3, 1)]:
+      want = single_losses(seed, key_seed)
+      args = [jax.device_put(x, sh) for x in loss_inputs(seed)]
+      got = jax.tree.map(np.asarray, f(*args, jax.random.key(key_seed)))
+      sel_kl, sel_cc = want[0], want[1]
+      assert 0 < sel_kl.sum() and 0 < sel_cc.sum() < CLIP_KW["k_max"]
+      np.testing.assert_array_equal(got[0], sel_kl)
+      np.testing.assert_array_equal(got[1], sel_cc)   # same key -> same random choice
+      # Losses and metrics: global sums in a different reduction order.
+      for name, g, w in [("kl_cov", got[2], want[2]), ("clip_cov", got[3], want[3])]:
+        np.testing.assert_allclose(g[0], w[0], rtol=1e-6, err_msg=name)
+        assert g[1].keys() == w[1].keys()
+        for m in w[1]:
+          np.testing.assert_allclose(g[1][m], w[1][m], rtol=1e-6, atol=1e-7,
+                                     err_msg=f"{name} {m} mesh {shape}")
