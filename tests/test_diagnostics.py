@@ -155,8 +155,8 @@ def test_token_covariance_degenerate_masks_give_zeros_not_nan():
   single = empty.copy()
   single[2, 4] = True
   for mask in (empty, single):
-    per, stats = diagnostics.token_covariance(
-        jnp.where(mask, lp, jnp.nan), adv, mask, quantiles=(0.5, 0.99))
+    per, stats = _token_cov(jnp.asarray(np.where(mask, lp, np.nan), jnp.float32),
+                            jnp.asarray(adv, jnp.float32), jnp.asarray(mask.astype(np.int32)))
     assert np.all(np.asarray(per) == 0.0)
     for k, v in stats.items():
       assert float(v) == 0.0, (k, v)
@@ -260,3 +260,14 @@ def test_fit_first_predicts_the_rest():
 def test_law_fit_rejects_degenerate_input(entropy, reward, kwargs, match):
   with pytest.raises(ValueError, match=match):
     diagnostics.fit_entropy_law(entropy, reward, **kwargs)
+
+
+def test_token_covariance_agrees_with_the_losses_selection_covariance():
+  # The covariance the Clip-Cov/KL-Cov selections rank by is the one logged.
+  from jaxent import losses
+  lp, adv, mask = _batch(7, [16, 4, 11, 0, 16])
+  args = (jnp.asarray(lp, jnp.float32), jnp.asarray(adv, jnp.float32),
+          jnp.asarray(mask.astype(np.int32)))
+  per, _ = _token_cov(*args)
+  np.testing.assert_allclose(np.asarray(per), np.asarray(losses.token_covariance(*args)),
+                             rtol=1e-6, atol=1e-6)
