@@ -216,3 +216,24 @@ def test_losses_on_mesh_match_single_device(shape):
         for m in w[1]:
           np.testing.assert_allclose(g[1][m], w[1][m], rtol=1e-6, atol=1e-7,
                                      err_msg=f"{name} {m} mesh {shape}")
+
+
+def test_hlo_of_the_losses_never_gathers_the_token_array():
+  # Whole programs: global means (scalar all-reduces), Clip-Cov's uniforms
+  # (partitionable threefry: drawn in place), selection, loss and gradient.
+  bb, tt = 64, 128
+  mesh = mesh_of((2, 2, 2))
+  x = jax.ShapeDtypeStruct((bb, tt), jnp.float32, sharding=NamedSharding(mesh, BATCH))
+
+  def f(lp, old, adv, mask, key):
+    cc = losses.clip_cov(lp, old, adv, mask, key=key, ratio=2e-3)
+    g = jax.grad(lambda p: losses.kl_cov(p, old, adv, mask, ratio=2e-3)[0])(lp)
+    return cc, g
+
+  with jax.set_mesh(mesh):
+    text = jax.jit(f).lower(x, x, x, x, jax.random.key(0)).compile().as_text()
+  sizes = collective_sizes(text)
+  k_max = ops.static_count_bound(2e-3, bb * tt)
+  assert sizes and max(n for _, n in sizes) <= 4 * k_max, sizes
+  reduces = collective_sizes(text, ops=("all-reduce",))
+  assert all(n < bb * tt for _, n in reduces), reduces
