@@ -215,8 +215,10 @@ def test_faulty_reward_functions_are_contained(pool):
   t0 = time.monotonic()
   out = {}
   for fn in (_raises, _sleeps, _segfaults, _allocates, _nan):
-    out[fn.__name__] = pool.grade(fn, ["a"], ["b"], timeout_s=0.5)
-  assert time.monotonic() - t0 < 5 * 0.5 + 5.0
+    # only the sleeper may reach its bound; the others fail at once (a
+    # generous bound keeps a loaded machine from turning them into timeouts)
+    out[fn.__name__] = pool.grade(fn, ["a"], ["b"], timeout_s=0.5 if fn is _sleeps else 10.0)
+  assert time.monotonic() - t0 < 0.5 + 5.0
   for name, res in out.items():
     assert res.rewards.tolist() == [0.0], name
   counts = {k: (r.failures, r.timeouts) for k, r in out.items()}

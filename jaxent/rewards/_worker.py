@@ -13,6 +13,8 @@ threads, unlike the trainer.
 from __future__ import annotations
 
 import collections
+# imported here, in the server, so that freshly forked workers have it
+import ctypes
 import math
 import multiprocessing
 import os
@@ -20,6 +22,11 @@ import pickle
 import signal
 import time
 from multiprocessing import connection
+
+try:
+  import resource
+except ImportError:  # not POSIX: no address-space limit, the time bound holds
+  resource = None
 
 # A worker sends this instead of a value when the reward function raised.
 FAILED = "failed"
@@ -32,7 +39,6 @@ def _die_with_parent(parent_pid: int) -> None:
   single-threaded, so that is the server's death.
   """
   try:
-    import ctypes  # pylint: disable=g-import-not-at-top
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
   except (OSError, AttributeError):
@@ -57,12 +63,11 @@ def worker_main(conn, memory_limit_mb: int | None, parent_pid: int,
   _die_with_parent(parent_pid)
   # Ctrl-C goes to the whole process group; the trainer decides what happens.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  if memory_limit_mb:
+  if memory_limit_mb and resource is not None:
     try:
-      import resource  # pylint: disable=g-import-not-at-top
       limit = int(memory_limit_mb) << 20
       resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):
+    except (ValueError, OSError):
       pass  # no RLIMIT_AS on this platform: the time bound still holds
   fns: dict[bytes, object] = {}
   while True:

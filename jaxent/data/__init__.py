@@ -1,0 +1,38 @@
+"""Host layer: prompt datasets (grain), tokenization, generated tasks.
+
+Never jitted. ``load_prompts`` reads and validates JSONL/Parquet rows and
+tokenizes them; ``PromptIterator`` yields shuffled, repeated, process-sharded
+``PromptBatch``es with checkpointable state; ``jaxent.data.arithmetic`` holds
+the generated task of the demo.
+"""
+from jaxent.data import arithmetic
+from jaxent.data._pipeline import (
+    PromptBatch,
+    PromptDataConfig,
+    PromptIterator,
+    make_prompt_iterator,
+)
+from jaxent.data._source import (
+    OVERLONG_MODES,
+    DataError,
+    DataStats,
+    Example,
+    PromptSet,
+    load_prompts,
+    tokenize_prompt,
+)
+
+__all__ = [
+    "OVERLONG_MODES",
+    "DataError",
+    "DataStats",
+    "Example",
+    "PromptBatch",
+    "PromptDataConfig",
+    "PromptIterator",
+    "PromptSet",
+    "arithmetic",
+    "load_prompts",
+    "make_prompt_iterator",
+    "tokenize_prompt",
+]

@@ -1,0 +1,11 @@
+"""The generated arithmetic task (``ab+cd+ef=`` → ``S1;S2$``) and its tokenizer."""
+from jaxent.data._arithmetic import (
+    ALPHABET,
+    EOS,
+    PAD,
+    SPLITS,
+    ArithmeticTask,
+    CharTokenizer,
+)
+
+__all__ = ["ALPHABET", "EOS", "PAD", "SPLITS", "ArithmeticTask", "CharTokenizer"]
