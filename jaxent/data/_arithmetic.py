@@ -24,8 +24,6 @@ EOS = "$"
 ALPHABET = PAD + "0123456789+=;" + EOS  # 15 symbols; id = position
 SPLITS = ("train", "heldout")
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
   """The splitmix64 finaliser on uint64 (wrapping arithmetic, vectorised)."""

@@ -26,7 +26,6 @@ import pickle
 import subprocess
 import sys
 import threading
-import time
 from multiprocessing.connection import Connection
 from typing import Sequence
 
