@@ -433,6 +433,31 @@ def test_no_host_transfers_and_no_recompile_with_traced_hyperparameters(batch):
   np.testing.assert_allclose(out1[2][0], ref["kl_cov", "token-mean"][0], rtol=1e-6)
 
 
+def test_sharded_batch_gives_the_single_device_result(batch, result):
+  """Selection over a batch sharded on a 6-device mesh equals the one-device one."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxent.sharding import make_mesh
+  lp, old, a, mask, key = batch
+  mesh = make_mesh(data=3, fsdp=2, devices=jax.devices()[:6])
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+
+  @jax.jit
+  def f(lp, old, a, mask, key):
+    cc = lambda lp: losses.clip_cov(lp, old, a, mask, key=key, ratio=RATIO, cov_lb=LB,
+                                    cov_ub=UB, clip_low=CL, clip_high=CH)
+    kc = lambda lp: losses.kl_cov(lp, old, a, mask, ratio=RATIO, kl_coef=BETA)
+    return (jax.value_and_grad(cc, has_aux=True)(lp), jax.value_and_grad(kc, has_aux=True)(lp))
+
+  with jax.set_mesh(mesh):
+    (cc, g_cc), (kc, g_kc) = f(*[jax.device_put(x, rows) for x in (lp, old, a, mask)], key)
+  assert g_kc.sharding.spec == rows.spec  # gradients stay sharded like the batch
+  for (loss, m), g, name in ((cc, g_cc, "clip_cov"), (kc, g_kc, "kl_cov")):
+    ref_loss, ref_g, ref_m = result[name, "token-mean"]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(m["num_selected"], ref_m["num_selected"])
+
+
 # ---------------------------------------------------------------- regularizers
 def test_kl_penalty_kinds_and_entropy_bonus_match_numpy(batch):
   lp, ref, _, mask, _ = batch

@@ -121,13 +121,18 @@ def select_kl_cov(log_prob: jax.Array, advantages: jax.Array, mask: jax.Array, *
   Returns:
     bool ``[B, T]``.
   """
+  return select_kl_cov_and_cov(log_prob, advantages, mask, ratio=ratio, k_max=k_max)[0]
+
+
+def select_kl_cov_and_cov(log_prob, advantages, mask, *, ratio, k_max=None):
+  """``select_kl_cov`` and the covariance it ranked (for the loss's metrics)."""
   check_tokens(log_prob, mask, advantages=advantages)
   check_ratio(ratio)
   k_max = resolve_k_max(ratio, k_max, log_prob.size)
   valid = as_valid(mask)
   cov = token_covariance(log_prob, advantages, valid)
   count = ops.selection_count(ratio, jnp.sum(valid))
-  return ops.top_k_mask(cov, valid, count, k_max=k_max)
+  return ops.top_k_mask(cov, valid, count, k_max=k_max), cov
 
 
 def clip_cov_candidates(log_prob, old_log_prob, advantages, mask, *, cov_lb, cov_ub, clip_low,
@@ -179,6 +184,14 @@ def select_clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: ja
   Returns:
     bool ``[B, T]``.
   """
+  return select_clip_cov_and_cov(log_prob, old_log_prob, advantages, mask, key=key, ratio=ratio,
+                                 cov_lb=cov_lb, cov_ub=cov_ub, clip_low=clip_low,
+                                 clip_high=clip_high, k_max=k_max)[0]
+
+
+def select_clip_cov_and_cov(log_prob, old_log_prob, advantages, mask, *, key, ratio, cov_lb,
+                            cov_ub, clip_low, clip_high, k_max=None):
+  """``select_clip_cov`` and the covariance of its band (for the loss's metrics)."""
   check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages)
   check_ratio(ratio)
   check_cov_band(cov_lb, cov_ub)
@@ -187,8 +200,8 @@ def select_clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: ja
     raise ValueError("key must be a JAX PRNG key (Clip-Cov chooses tokens at random)")
   k_max = resolve_k_max(ratio, k_max, log_prob.size)
   valid = as_valid(mask)
-  cand, _ = clip_cov_candidates(log_prob, old_log_prob, advantages, valid, cov_lb=cov_lb,
-                                cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high)
+  cand, cov = clip_cov_candidates(log_prob, old_log_prob, advantages, valid, cov_lb=cov_lb,
+                                  cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high)
   count = ops.selection_count(ratio, jnp.sum(valid))
   u = jax.random.uniform(key, log_prob.shape, jnp.float32)
-  return ops.top_k_mask(u, cand, count, k_max=k_max)
+  return ops.top_k_mask(u, cand, count, k_max=k_max), cov

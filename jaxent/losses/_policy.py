@@ -161,18 +161,18 @@ def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
   cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages)
   check_agg(agg)
   _check_selection(selection, log_prob.shape)
+  valid, lp, old, a = _prepare(log_prob, old_log_prob, advantages, mask)
   if selection is None:
-    selection = cv.select_clip_cov(log_prob, old_log_prob, advantages, mask, key=key,
-                                   ratio=ratio, cov_lb=cov_lb, cov_ub=cov_ub, clip_low=clip_low,
-                                   clip_high=clip_high, k_max=k_max)
+    selection, cov = cv.select_clip_cov_and_cov(
+        log_prob, old_log_prob, advantages, mask, key=key, ratio=ratio, cov_lb=cov_lb,
+        cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high, k_max=k_max)
   else:
     cv.check_clip(clip_low, clip_high)
-  valid, lp, old, a = _prepare(log_prob, old_log_prob, advantages, mask)
+    cov = cv.token_covariance(lp, a, valid)
   selection = as_valid(selection) & valid
   d, l1, l2 = cv.ppo_clipped(lp, old, a, clip_low, clip_high)
   per_token = jnp.where(selection, 0, jnp.maximum(l1, l2))
   loss = _agg(per_token, valid, agg, num_tokens, num_seqs, max_len)
-  cov = cv.token_covariance(lp, a, valid)
   metrics = _common_metrics(d, l1, l2, valid, num_tokens)
   metrics.update(_selection_metrics(selection, valid, cov, num_tokens))
   metrics["pg_loss"] = loss
@@ -213,9 +213,12 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
   check_agg(agg)
   check_scalar("kl_coef", kl_coef, low=0)
   _check_selection(selection, log_prob.shape)
-  if selection is None:
-    selection = cv.select_kl_cov(log_prob, advantages, mask, ratio=ratio, k_max=k_max)
   valid, lp, old, a = _prepare(log_prob, old_log_prob, advantages, mask)
+  if selection is None:
+    selection, cov = cv.select_kl_cov_and_cov(log_prob, advantages, mask, ratio=ratio,
+                                              k_max=k_max)
+  else:
+    cov = cv.token_covariance(lp, a, valid)
   selection = as_valid(selection) & valid
   d = cv.clamped_log_ratio(lp, old)
   pg = -a * jnp.exp(d)
@@ -226,7 +229,6 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
   penalty = jnp.where(selection, kl_coef * (diff * jnp.sign(diff)), 0)
   pg_loss = _agg(pg, valid, agg, num_tokens, num_seqs, max_len)
   pen_loss = _agg(penalty, valid, agg, num_tokens, num_seqs, max_len)
-  cov = cv.token_covariance(lp, a, valid)
   metrics = {
       "clipfrac": jnp.zeros((), jnp.float32),
       "approx_kl": _token_frac(-d, valid, num_tokens),
