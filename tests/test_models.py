@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from jaxent import models, sharding
+from jaxent import models, ops, sharding
 from tests._hf_tiny import FAMILIES, make_torch_model, torch_logits
 
 B, T = 3, 12
@@ -243,6 +243,7 @@ def test_return_hidden_gives_logits_factors(qwen2):
   _, _, m = qwen2
   tokens = _tokens(8)
   out, cache = _apply(m.config, m.params, tokens, return_hidden=True)
+  assert isinstance(out, ops.HiddenAndHead)
   hidden, kernel = out
   assert cache is None and hidden.shape == (B, T, 64) and kernel.shape == (64, 160)
   np.testing.assert_allclose(np.asarray(hidden @ kernel), np.asarray(m(tokens)),

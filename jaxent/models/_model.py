@@ -21,12 +21,8 @@ from jax import lax
 
 from jaxent.models._config import ModelConfig
 from jaxent.models._layers import Block, RMSNorm, rope_angles
+from jaxent.ops import HiddenAndHead
 from jaxent.sharding import constrain
-
-try:  # the ops layer defines the (hidden, kernel) pair for chunked log-probs
-  from jaxent.ops import HiddenAndHead as _HiddenAndHead
-except ImportError:  # pragma: no cover - until jaxent.ops provides it
-  _HiddenAndHead = None
 
 Params = dict[str, Any]
 
@@ -191,7 +187,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Ar
     attention_mask: ``[B, T]``, 1/True for real tokens.
     cache: a ``KVCache`` or None.
     kv_mask: bool ``[B, S]``, valid cache slots (cache only; None: all).
-    return_hidden: return ``(hidden [B, T, D], kernel [D, V])`` (final-norm
+    return_hidden: return ``HiddenAndHead(hidden [B, T, D], kernel [D, V])`` (final-norm
       hidden states and unembedding, compute dtype) instead of logits, so a
       loss can form log-probs chunk by chunk without ``[B, T, V]``.
 
@@ -253,8 +249,7 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Ar
   new_cache = None if cache is None else KVCache(kv[0], kv[1], index + t)
   kernel = _head_kernel(cfg, params).astype(dt)
   if return_hidden:
-    out = (h, kernel) if _HiddenAndHead is None else _HiddenAndHead(h, kernel)
-    return out, new_cache
+    return HiddenAndHead(h, kernel), new_cache
   # Logits accumulate in float32: log-softmax over a large vocabulary in
   # bfloat16 would lose the small probabilities the losses need.
   logits = jnp.einsum("BTD,DV->BTV", h, kernel, preferred_element_type=jnp.float32)
