@@ -11,7 +11,7 @@ from jaxent import advantages
 
 
 def np_grpo(scores, ids, valid, eps, scale):
-  """REFERENCE.md: per group, (s − mean)/(std + ε), unbiased std; a group of one: mean 0, std 1."""
+  """REFERENCE.md: per group (s − mean)/(std + ε), unbiased std; a group of one: mean 0, std 1."""
   out = np.zeros(len(scores))
   for g in set(ids[valid].tolist()):
     members = np.flatnonzero((ids == g) & valid)

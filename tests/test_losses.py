@@ -180,8 +180,9 @@ def np_expected(lp, old, a, mask, sel_clip, sel_kl, mode, max_len=None):
   pen = np.where(sel_kl, BETA * np.abs(raw), 0)
   g_kl = np.where(np.abs(raw) < 20, pg, 0) + np.where(sel_kl, BETA * np.sign(raw), 0)
   out["kl_cov"] = ((w * (pg + pen)).sum(), w * g_kl,
-                   {"clipfrac": 0.0, "approx_kl": approx_kl, "abs_kl": np_mean(np.abs(plain["d"]), mask),
-                    "pg_loss": (w * pg).sum(), "kl_penalty": (w * pen).sum(), **sel_metrics(sel_kl)})
+                   {"clipfrac": 0.0, "approx_kl": approx_kl,
+                    "abs_kl": np_mean(np.abs(plain["d"]), mask), "pg_loss": (w * pg).sum(),
+                    "kl_penalty": (w * pen).sum(), **sel_metrics(sel_kl)})
   return out
 
 

@@ -70,8 +70,8 @@ def test_masked_sum_and_mean_ignore_nan_and_inf_in_values_and_grads():
   np.testing.assert_allclose(m, x[mask].astype(np.float64).mean(), rtol=1e-6)
   want_rows = [x[b][mask[b]].mean() if mask[b].any() else 0.0 for b in range(x.shape[0])]
   np.testing.assert_allclose(row, want_rows, rtol=1e-6)
-  g = jax.jit(jax.grad(lambda x: ops.masked_mean(x, mask) + ops.masked_mean(x, mask, axis=1).sum()))(
-      x_bad)
+  loss = lambda x: ops.masked_mean(x, mask) + ops.masked_mean(x, mask, axis=1).sum()
+  g = jax.jit(jax.grad(loss))(x_bad)
   assert np.all(np.isfinite(g))
   assert np.all(np.asarray(g)[~mask] == 0)
 

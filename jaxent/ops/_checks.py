@@ -43,7 +43,9 @@ def check_scalar(name: str, x: Any, *, low: float | None = None, high: float | N
   if bad_low or bad_high:
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
-    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    interval = f"{left}{lo}, {hi}{right}"
     raise ValueError(f"{name} must lie in {interval}, got {v:g}")
 
 
