@@ -7,7 +7,7 @@ same weights. Both compute full float32 logits for a [batch, seq] batch;
 the figure is tokens per second (median of the repeats) and the ratio
 jaxent / torch (target: >= 1).
 
-  .venv/bin/python bench/forward.py [--batch 4] [--seq 128] [--repeats 5]
+  .venv/bin/python bench/forward.py [--batch 4] [--seq 128] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--layers", type=int, default=30)
   ap.add_argument("--threads", type=int, default=os.cpu_count(),
                   help="torch intra-op threads (XLA:CPU uses one per core)")

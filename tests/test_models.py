@@ -330,6 +330,17 @@ def test_config_validation_messages():
                        **base)
   with pytest.raises(ValueError, match="dtype"):
     models.ModelConfig(model_type="llama", dtype="int8", **base)
+  hf = dict(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=8)
+  with pytest.raises(ValueError, match="sliding-window"):
+    models.ModelConfig.from_hf(transformers.Qwen2Config(**hf, use_sliding_window=True,
+                                                        sliding_window=4))
+  with pytest.raises(ValueError, match="mlp_bias"):
+    models.ModelConfig.from_hf(transformers.LlamaConfig(**hf, mlp_bias=True))
+  with pytest.raises(ValueError, match="'yarn' is not supported"):
+    models.ModelConfig.from_hf(transformers.LlamaConfig(
+        **hf, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                               "original_max_position_embeddings": 64}))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -285,6 +285,11 @@ class Model:
   def replace(self, **changes) -> "Model":
     return dataclasses.replace(self, **changes)
 
+  def __repr__(self) -> str:  # the default would print every parameter
+    c = self.config
+    return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
+            f"vocab={c.vocab_size}, params={self.num_params:,}, param_dtype={c.param_dtype})")
+
   @property
   def num_params(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.params))
