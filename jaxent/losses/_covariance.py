@@ -131,7 +131,7 @@ def select_kl_cov_and_cov(log_prob, advantages, mask, *, ratio, k_max=None):
   k_max = resolve_k_max(ratio, k_max, log_prob.size)
   valid = as_valid(mask)
   cov = token_covariance(log_prob, advantages, valid)
-  count = ops.selection_count(ratio, jnp.sum(valid))
+  count = ops.selection_count(ratio, jnp.sum(valid), max_n=valid.size)
   return ops.top_k_mask(cov, valid, count, k_max=k_max), cov
 
 
@@ -202,6 +202,6 @@ def select_clip_cov_and_cov(log_prob, old_log_prob, advantages, mask, *, key, ra
   valid = as_valid(mask)
   cand, cov = clip_cov_candidates(log_prob, old_log_prob, advantages, valid, cov_lb=cov_lb,
                                   cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high)
-  count = ops.selection_count(ratio, jnp.sum(valid))
+  count = ops.selection_count(ratio, jnp.sum(valid), max_n=valid.size)
   u = jax.random.uniform(key, log_prob.shape, jnp.float32)
   return ops.top_k_mask(u, cand, count, k_max=k_max), cov

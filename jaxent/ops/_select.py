@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -23,22 +24,68 @@ from jax.sharding import PartitionSpec as P
 # because ops (layer 1) may not import jaxent.sharding (layer 2).
 BATCH_AXES = ("data", "fsdp")
 
-# ratio * N is formed in float32. The reference forms it in float64 with a
-# Python float ratio; a decimal ratio such as 2e-4 is not exact in float32
-# (2e-4 -> 1.99999995e-4), so 2e-4 * 15000 would floor to 2 instead of 3.
-# Products within this relative distance below an integer snap up to it,
-# which reproduces the double-precision count for such ratios.
-_SNAP_REL = 2.0**-19
+# A traced ratio is float32: ratio * N is formed in float32 (N split so each
+# part is exact), and a decimal ratio such as 2e-4 is not exact in float32
+# (2e-4 -> 1.99999995e-4), so 2e-4 * 15000 would floor to 2 instead of the
+# reference's 3. Products within this relative distance below an integer
+# snap up to it (float32 rounding of the ratio and of the product stay
+# inside it). A concrete Python ratio needs no such rule: see _thresholds.
+_SNAP_REL = 2.0**-22
+# Above this many distinct counts the threshold table would be large; the
+# float32 rule is used instead.
+_MAX_THRESHOLDS = 1 << 18
 
 
-def selection_count(ratio, n_valid) -> jax.Array:
+def _is_concrete(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating))
+
+
+def _reference_count(ratio: float, n: int) -> int:
+  """The reference's count, ``int(ratio * n)`` in double precision, at least 1."""
+  return max(1, int(float(ratio) * int(n)))
+
+
+def _thresholds(ratio: float, max_n: int) -> np.ndarray | None:
+  """``T[c-1] = min{N : floor(fl64(ratio*N)) >= c}`` for ``c = 1 .. count(max_n)``.
+
+  ``fl64(ratio*N)`` is monotone in ``N``, so the reference's count for ``N``
+  tokens is ``#{c : T[c-1] <= N}`` (at least 1): an exact double-precision
+  rule evaluated on the host once, then compared on device with int32s.
+  """
+  r = float(ratio)
+  k = int(r * max_n)
+  if k > _MAX_THRESHOLDS:
+    return None
+  c = np.arange(1, k + 1, dtype=np.float64)
+  n0 = np.ceil(c / r).astype(np.int64)
+  cand = n0[:, None] + np.arange(-3, 4)[None, :]
+  ok = np.floor(r * cand.astype(np.float64)) >= c[:, None]   # numpy float64: IEEE double like Python
+  first = np.argmax(ok, axis=1)
+  if k and not ok[np.arange(k), first].all():  # pragma: no cover - would need |error| > 3 tokens
+    return None
+  return cand[np.arange(k), first].astype(np.int64)
+
+
+def selection_count(ratio, n_valid, *, max_n: int | None = None) -> jax.Array:
   """``max(1, floor(ratio * n_valid))`` as a traced int32 scalar.
+
+  With a concrete Python ``ratio`` and the static bound ``max_n >= n_valid``
+  (e.g. ``B*T``), the count is exactly the reference's double-precision
+  ``int(ratio * N)``. A traced ``ratio`` is float32 and uses a snap-up rule
+  that reproduces it for decimal ratios (see ``_SNAP_REL``).
 
   Args:
     ratio: selection ratio in (0, 1]; a Python float or a traced scalar.
     n_valid: number of valid tokens (traced int scalar).
+    max_n: static upper bound on ``n_valid``.
   """
   n = jnp.asarray(n_valid, jnp.int32)
+  if _is_concrete(ratio) and max_n is not None:
+    t = _thresholds(float(ratio), int(max_n))
+    if t is not None:
+      if len(t) == 0:
+        return jnp.ones((), jnp.int32)
+      return jnp.maximum(jnp.sum(jnp.asarray(t, jnp.int32) <= n, dtype=jnp.int32), 1)
   # Split n so that each part is exact in float32 even beyond 2**24 tokens.
   hi = (n >> 12).astype(jnp.float32) * 4096.0
   lo = (n & 4095).astype(jnp.float32)
@@ -50,10 +97,14 @@ def selection_count(ratio, n_valid) -> jax.Array:
 
 
 def static_count_bound(ratio: float, size: int) -> int:
-  """Static upper bound on ``selection_count(ratio, n)`` for ``n <= size``."""
+  """Static upper bound on ``selection_count(ratio, n)`` for ``n <= size``.
+
+  The reference count at ``size`` (monotone in n), or one more when the
+  float32 snap rule could round up there.
+  """
+  k = _reference_count(ratio, size)
   x = float(ratio) * int(size)
-  k = int(x)
-  if k + 1 - x <= x * _SNAP_REL:
+  if int(x) + 1 - x <= x * _SNAP_REL * 4:
     k += 1
   return max(1, min(k, int(size)))
 
