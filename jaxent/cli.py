@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3  # the run stopped itself (e.g. non-finite updates); checkpoint saved
 
 
 def _error(msg: str) -> int:
@@ -63,9 +64,137 @@ def _run_fit_law(args: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+
+# ------------------------------------------------------------------ train ---
+
+def _setup_errors():
+  """The exception types that mean 'bad input': exit code 2, one line, nothing lost."""
+  from jaxent.config import ConfigError
+  from jaxent.data import DataError
+  from jaxent.train._build import SetupError
+  return (ConfigError, DataError, SetupError)
+
+
+def _add_train(sub) -> None:
+  p = sub.add_parser("train", help="run RL training from a YAML config",
+                     description="Train a policy with GRPO / Clip-Cov / KL-Cov from CONFIG.yaml.")
+  p.add_argument("config", metavar="CONFIG.yaml")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set loss.name=kl_cov (repeatable)")
+  p.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the run directory's last complete checkpoint")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+  from jaxent import config as config_lib
+  bad = _setup_errors()
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+  except bad as e:
+    return _error(str(e))
+  import jax
+  from jaxent.train import _build, _loop
+  run_dir = args.run_dir or os.path.join("runs", cfg.name)
+  try:
+    comps = _build.build_components(cfg, run_dir, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    res = _loop.train(cfg, run_dir, comps, resume=args.resume)
+  except bad as e:
+    return _error(str(e))
+  except _loop.TrainingError as e:
+    print(f"jaxent: {e}", file=sys.stderr)
+    return EXIT_TRAINING_STOPPED
+  last = res.history[-1] if res.history else {}
+  print(f"jaxent train: {run_dir}: {len(res.history)} steps, reward {last.get('reward_mean')}, "
+        f"entropy {last.get('entropy')}")
+  return EXIT_OK
+
+
+# ------------------------------------------------------------------- eval ---
+
+def _add_eval(sub) -> None:
+  p = sub.add_parser("eval", help="mean@k / pass@k of a checkpoint or HF directory on a JSONL benchmark")
+  p.add_argument("--model", required=True, help="HF directory or jaxent run directory")
+  p.add_argument("--data", required=True, action="append", help="benchmark JSONL (repeatable)")
+  p.add_argument("--k", type=int, default=1, help="samples per prompt (mean@k, pass@k)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (k is then 1)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--max-new-tokens", type=int, default=1024)
+  p.add_argument("--reward", default="math", help="reward function (jaxent.rewards)")
+  p.add_argument("--prompt-key", default="prompt")
+  p.add_argument("--answer-key", default="answer")
+  p.add_argument("--chat-template", action="store_true")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+  import json
+  from jaxent.train import _eval
+  bad = _setup_errors()
+  try:
+    model, tok, cfg = _eval.load_model_or_run(args.model)
+    skip = not (cfg is not None and cfg.data.task == "arithmetic")
+    results = [_eval.evaluate_benchmark(
+        model, tok, path, k=args.k, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, reward=args.reward, prompt_key=args.prompt_key,
+        answer_key=args.answer_key, chat_template=args.chat_template, batch_size=args.batch_size,
+        seed=args.seed, skip_special_tokens=skip) for path in args.data]
+  except bad + (ValueError,) as e:
+    return _error(str(e))
+  for r in results:
+    print(json.dumps(r))
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+  return EXIT_OK
+
+
+# ----------------------------------------------------------------- export ---
+
+def _add_export(sub) -> None:
+  p = sub.add_parser("export", help="write a run's policy in Hugging Face format")
+  p.add_argument("run_dir", metavar="RUN_DIR")
+  p.add_argument("out_dir", metavar="OUT_DIR")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+  from jaxent import models
+  from jaxent.train import _eval
+  try:
+    cfg, model, tok, step = _eval.load_run(args.run_dir, args.step)
+  except _setup_errors() as e:
+    return _error(str(e))
+  hf_tok = tok if hasattr(tok, "save_pretrained") else None
+  models.save_pretrained(model, args.out_dir, tokenizer=hf_tok)
+  print(f"jaxent export: step {step} of {args.run_dir} -> {args.out_dir}"
+        + ("" if hf_tok else " (no Hugging Face tokenizer to write: the run used the built-in one)"))
+  return EXIT_OK
+
+
+# ------------------------------------------------------------------- demo ---
+
+def _add_demo(sub) -> None:
+  p = sub.add_parser("demo", help="the embedded default: entropy collapse and its cure on CPU")
+  p.add_argument("--quick", action="store_true", help="a smoke version (under 2 minutes)")
+  p.add_argument("--out", default="runs/demo", help="output directory")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+  from jaxent.train._demo import run_demo
+  run_demo(args.out, quick=args.quick)
+  return EXIT_OK
+
 # ------------------------------------------------------------------ main ---
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "demo": (_add_demo, _run_demo),
+    "train": (_add_train, _run_train),
+    "eval": (_add_eval, _run_eval),
+    "export": (_add_export, _run_export),
     "fit-law": (_add_fit_law, _run_fit_law),
 }
 

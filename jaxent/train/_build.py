@@ -1,0 +1,127 @@
+"""Config -> the loop's Components: model, tokenizer, data, rewards, eval set.
+
+Errors a user can fix (missing files, empty data, unreadable checkpoints)
+surface as :class:`SetupError` with a message naming the file; the CLI turns
+it into exit code 2.
+"""
+from __future__ import annotations
+
+import os
+
+from jaxent import data as data_lib
+from jaxent import models, rewards
+from jaxent.config import Config
+from jaxent.train._loop import Components
+
+
+class SetupError(RuntimeError):
+  """The run cannot start; the message says which input is at fault."""
+
+
+def load_policy(cfg: Config):
+  """(model, tokenizer) from ``model.path`` or ``model.arch``."""
+  mc = cfg.model
+  if mc.path is not None:
+    if not os.path.isdir(mc.path):
+      raise SetupError(f"model.path: {mc.path} is not a directory")
+    try:
+      model = models.from_pretrained(mc.path, dtype=mc.dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
+    try:
+      tok = models.load_tokenizer(mc.path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+      raise SetupError(f"model.path: no usable tokenizer in {mc.path}: {e}") from e
+    if mc.remat:
+      model = model.replace(config=model.config.replace(remat=True))
+    return model, tok
+  if cfg.data.task != "arithmetic":
+    raise SetupError("model.arch builds a random model without a tokenizer; use it with "
+                     "data.task=arithmetic, or give model.path (a HF directory with a tokenizer)")
+  tok = data_lib.arithmetic.CharTokenizer()
+  arch = dict(mc.arch or {})
+  arch.setdefault("vocab_size", tok.vocab_size)
+  arch.setdefault("dtype", mc.dtype)
+  arch.setdefault("param_dtype", mc.dtype)
+  arch.setdefault("remat", mc.remat)
+  try:
+    mcfg = models.ModelConfig(**arch)
+  except TypeError as e:
+    raise SetupError(f"model.arch: {e}") from e
+  return models.init_model(mcfg, seed=mc.init_seed), tok
+
+
+def arithmetic_files(cfg: Config, directory: str, *, num_train: int = 50_000) -> tuple[str, str]:
+  """Writes the generated task's train and held-out JSONL (read back by the data pipeline)."""
+  d = cfg.data
+  task = data_lib.arithmetic.ArithmeticTask(num_operands=d.num_operands, num_digits=d.num_digits)
+  os.makedirs(directory, exist_ok=True)
+  n_train = min(num_train, int(0.5 * task.num_problems))
+  try:
+    train = task.write_jsonl(os.path.join(directory, "train.jsonl"), n_train, seed=d.shuffle_seed)
+    held = task.write_jsonl(os.path.join(directory, "heldout.jsonl"), d.num_eval,
+                            seed=d.shuffle_seed + 1, split="heldout")
+  except ValueError as e:  # e.g. more held-out problems asked than the task has
+    raise SetupError(f"data.num_eval / data.num_digits / data.num_operands: {e}") from e
+  return train, held
+
+
+def build_components(cfg: Config, run_dir: str, *, params=None, process_index: int = 0,
+                     process_count: int = 1) -> Components:
+  """Everything ``train`` needs, from the config (``params`` overrides the initial weights)."""
+  model, tok = load_policy(cfg)
+  d = cfg.data
+  if d.task == "arithmetic":
+    train_path, eval_path = arithmetic_files(cfg, os.path.join(run_dir, "data"))
+  else:
+    train_path, eval_path = d.train_path, d.eval_path
+  dcfg = data_lib.PromptDataConfig(
+      path=train_path, prompts_per_step=cfg.rollout.prompts_per_step, prompt_key=d.prompt_key,
+      answer_key=d.answer_key, max_prompt_len=d.max_prompt_len, chat_template=d.chat_template,
+      seed=d.shuffle_seed)
+  try:
+    it = data_lib.make_prompt_iterator(dcfg, tok, process_index=process_index,
+                                       process_count=process_count)
+    eval_set = None
+    if eval_path is not None:
+      ps = data_lib.load_prompts(eval_path, tok, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                                 max_prompt_len=d.max_prompt_len, chat_template=d.chat_template)
+      eval_set = ([e.prompt_ids for e in ps.examples], [e.answer for e in ps.examples])
+  except data_lib.DataError as e:
+    raise SetupError(str(e)) from e
+
+  reward_name, timeout = cfg.rollout.reward, cfg.rollout.reward_timeout_s
+  rewards.reward_spec(reward_name)  # unknown name -> ValueError listing the names, before any work
+
+  def reward(texts, answers):
+    res = rewards.grade_batch(reward_name, texts, answers, timeout_s=timeout)
+    return res.rewards, res.counters()
+
+  class _Prompts:
+    def __next__(self):
+      b = next(it)
+      return b.prompt_ids, b.answers
+
+    def get_state(self):
+      return it.get_state()
+
+    def set_state(self, state):
+      it.set_state(state)
+
+  def counters():
+    s = it.stats
+    return {k: v for k, v in vars(s).items() if isinstance(v, (int, float))} if s is not None else {}
+
+  # The arithmetic grader needs the EOS character ('$': a complete answer);
+  # HF chat tokenizers' special tokens mean nothing to the math grader.
+  skip_special = d.task != "arithmetic"
+
+  def decode(ids):
+    return tok.decode(ids, skip_special_tokens=skip_special)
+
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+  return Components(
+      model_config=model.config, params=model.params if params is None else params,
+      decode=decode, pad_id=int(pad),
+      eos_id=tok.eos_token_id, prompts=_Prompts(), reward=reward, eval_set=eval_set,
+      counters=counters)

@@ -1,0 +1,216 @@
+"""The RL loop: a short function over small parts.
+
+Per step: prompts -> sampler -> rewards -> advantages -> old (and reference)
+log-probs -> PPO epochs x mini-batches of the jitted ``train_step`` ->
+metrics -> (eval) -> (checkpoint). Everything the loop needs comes in a
+:class:`Components`, built from the config by :func:`build_components` or
+handed in by the demo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxent import diagnostics, rollout, sampler
+from jaxent.config import Config
+from jaxent.train import _checkpoint, _logging
+from jaxent.train._step import StepSpec, init_state, jit_logprobs, jit_train_step, make_optimizer
+from jaxent.types import Batch, TrainState
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (the message says why); the last good checkpoint is kept."""
+
+
+class Policy(NamedTuple):
+  """What the sampler needs of a model: its (static) config and its params."""
+  config: Any
+  params: Any
+
+
+class PromptSource(Protocol):
+  """An iterator of prompt batches whose position can be saved and restored."""
+  def __next__(self) -> tuple[list[list[int]], list[str]]: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class Components:
+  model_config: Any                                  # jaxent.models.ModelConfig
+  params: Any                                        # initial policy params
+  decode: Callable[[Sequence[int]], str]             # response token ids -> text
+  pad_id: int
+  eos_id: int | None
+  prompts: PromptSource                              # training prompts
+  reward: Callable[[list[str], list[str]], tuple[np.ndarray, dict]]  # (responses, answers) -> (rewards, counters)
+  eval_set: tuple[list[list[int]], list[str]] | None = None          # held-out prompts and answers
+  counters: Callable[[], dict] | None = None         # data counters to log (skipped rows, ...)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  history: list[dict]
+  evals: list[dict]
+  stopped_early: str | None = None
+
+
+def _responses_text(tokens: np.ndarray, mask: np.ndarray, decode) -> list[str]:
+  """Decodes each response up to and including its EOS (the decoder decides what to show)."""
+  return [decode([int(t) for t in row[m > 0]]) for row, m in zip(tokens, mask)]
+
+
+def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size: int = 2048) -> dict:
+  """Greedy accuracy on the held-out set (mean reward and fraction correct)."""
+  prompts, answers = comps.eval_set
+  rewards = []
+  for i in range(0, len(prompts), batch_size):
+    out = sampler.generate(policy, prompts[i:i + batch_size], max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=0.0, eos_id=comps.eos_id, key=key)
+    toks, mask = jax.device_get((out.tokens, out.mask))
+    texts = _responses_text(toks, mask, comps.decode)
+    r, _ = comps.reward(texts, list(answers[i:i + batch_size]))
+    rewards.append(np.asarray(r, np.float64))
+  r = np.concatenate(rewards)
+  return {"eval_reward": float(r.mean()), "eval_accuracy": float((r >= 0.5).mean())}
+
+
+_COV_STATS = jax.jit(lambda lp, a, m: diagnostics.token_covariance(lp, a, m)[1])
+
+
+def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
+          is_main: bool | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+  """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md."""
+  is_main = jax.process_index() == 0 if is_main is None else is_main
+  os.makedirs(run_dir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_yaml())
+
+  ro, tr = cfg.rollout, cfg.train
+  rows = ro.prompts_per_step * ro.samples_per_prompt
+  mb_rows = rows // tr.mini_batches
+  updates_per_step = tr.ppo_epochs * tr.mini_batches
+  tx = make_optimizer(cfg.optim, tr.steps * updates_per_step)
+  spec = StepSpec(model=comps.model_config, loss=cfg.loss, micro_batches=tr.micro_batches,
+                  temperature=ro.temperature)
+  step_fn = jit_train_step(spec, tx)
+  logprob_fn = jit_logprobs(spec, micro_batches=tr.mini_batches * tr.micro_batches)
+  base_key = jax.random.PRNGKey(tr.seed)
+  # The update donates its state: train on a copy so the caller's params (and
+  # the reference policy) stay valid.
+  state = init_state(jax.tree.map(jnp.copy, comps.params), tx, jax.random.fold_in(base_key, 1))
+  ref_params = comps.params if cfg.loss.ref_kl_coef > 0 else None
+
+  ckpt = _checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=tr.keep_checkpoints)
+  start = 0
+  history: list[dict] = []
+  evals: list[dict] = []
+  metrics_path = os.path.join(run_dir, "metrics.jsonl")
+  if resume:
+    last = ckpt.latest_step()
+    if last is None:
+      raise TrainingError(f"--resume: no complete checkpoint under {ckpt.directory}")
+    state, host = ckpt.restore(last, state)
+    comps.prompts.set_state(host["data"])
+    start = int(host["rl_step"])
+    if is_main:
+      _logging.truncate_after(metrics_path, start)
+  elif is_main and os.path.exists(metrics_path):
+    os.remove(metrics_path)
+  logger = _logging.MetricsLogger(run_dir, enabled=is_main)
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, {"rl_step": step, "data": comps.prompts.get_state()})
+
+  bar = None
+  if tr.progress and is_main:
+    from tqdm import tqdm  # host only
+    bar = tqdm(total=tr.steps, initial=start, desc=cfg.name, dynamic_ncols=True, leave=False)
+
+  stopped = None
+  try:
+    for step in range(start, tr.steps):
+      t0 = time.perf_counter()
+      k = jax.random.fold_in(base_key, 1000 + step)  # per-step keys: resume reproduces them
+      k_sample, k_eval = jax.random.split(k)
+      prompts, answers = next(comps.prompts)
+      policy = Policy(comps.model_config, state.params)
+      out = sampler.generate(policy, prompts, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                             top_p=ro.top_p, top_k=ro.top_k, eos_id=comps.eos_id,
+                             num_samples=ro.samples_per_prompt, key=k_sample)
+      toks, mask = jax.device_get((out.tokens, out.mask))
+      texts = _responses_text(toks, mask, comps.decode)
+      rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
+      rewards, reward_counters = comps.reward(texts, rep_answers)
+      t_sample = time.perf_counter() - t0
+
+      host_batch, stats = rollout.assemble(prompts, toks, mask, np.asarray(rewards), pad_id=comps.pad_id,
+                                           samples_per_prompt=ro.samples_per_prompt, eos_id=comps.eos_id,
+                                           scale_by_std=ro.scale_by_std, filter_groups=ro.filter_groups)
+      batch = rollout.to_device(host_batch)
+      old_lp, _ = logprob_fn(state.params, batch)
+      batch = batch._replace(old_log_prob=old_lp)
+      if ref_params is not None:
+        ref_lp, _ = logprob_fn(ref_params, batch)
+        batch = batch._replace(ref_log_prob=ref_lp)
+      cov = _COV_STATS(old_lp, batch.advantages, batch.response_mask)
+
+      step_metrics = []
+      for _ in range(tr.ppo_epochs):
+        for j in range(tr.mini_batches):
+          mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
+          state, m = step_fn(state, mb)
+          step_metrics.append(m)
+      # One device->host sync per RL step.
+      step_metrics, cov = jax.device_get((step_metrics, cov))
+      dt = time.perf_counter() - t0
+      row = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+      row["skipped"] = float(np.sum([m["skipped"] for m in step_metrics]))
+      row["nonfinite_in_a_row"] = int(step_metrics[-1]["nonfinite_in_a_row"])
+      row.update(cov)  # cov, cov_std, cov_p50 ... cov_frac_pos (diagnostics.token_covariance)
+      row.update(dataclasses.asdict(stats))
+      row.update({f"reward_{k}": v for k, v in reward_counters.items()})
+      if comps.counters is not None:
+        row.update({f"data_{k}": v for k, v in comps.counters().items()})
+      n_tok = float(host_batch.response_mask.sum())
+      row.update(step_time_s=dt, sample_time_s=t_sample, tokens_per_s=n_tok * updates_per_step / max(dt, 1e-9))
+
+      done = step + 1
+      if comps.eval_set is not None and tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
+        ev = evaluate(Policy(comps.model_config, state.params), comps, cfg, key=k_eval)
+        ev["step"] = done
+        evals.append(ev)
+        row.update(ev)
+      row = logger.log(done, row)
+      history.append(row)
+      if on_step is not None:
+        on_step(row)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", ent=f"{row.get('entropy') or 0:.3f}")
+
+      if row["nonfinite_in_a_row"] >= cfg.optim.max_nonfinite:
+        save(done)
+        stopped = (f"stopped at step {done}: {row['nonfinite_in_a_row']} non-finite updates in a row "
+                   f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); checkpoint saved")
+        raise TrainingError(stopped)
+      if tr.ckpt_every and done % tr.ckpt_every == 0 and done != tr.steps:
+        save(done)
+    if tr.steps > start:
+      save(tr.steps)
+  finally:
+    if bar is not None:
+      bar.close()
+    logger.close()
+    ckpt.close()
+  return TrainResult(state=state, history=history, evals=evals, stopped_early=stopped)

@@ -1,0 +1,234 @@
+"""The update step: one jitted, donated function per optimizer mini-batch.
+
+Covariance selection (Clip-Cov / KL-Cov) is made once over the WHOLE
+mini-batch, as the paper describes, and only then is the gradient accumulated
+over micro-batches. Every micro-batch loss is normalised by mini-batch-wide
+counts (valid tokens, non-empty rows, padded length), so the accumulated
+gradient is the full mini-batch gradient whatever ``micro_batches`` is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxent import losses, models, ops
+from jaxent.config import LossConfig, OptimConfig
+from jaxent.types import Batch, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything static about the update step (hashable: a jit static arg)."""
+  model: Any                   # jaxent.models.ModelConfig
+  loss: LossConfig
+  micro_batches: int = 1
+  temperature: float = 1.0     # the rollout temperature: log-probs are of the sampled distribution
+
+
+def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW on a warm-up + constant/cosine schedule.
+
+  Cached (configs are frozen), so runs in one process share compiled steps;
+  ``total_updates`` only matters to a cosine schedule or a warm-up longer
+  than the run.
+  """
+  total = max(int(total_updates), 1)
+  if cfg.schedule != "cosine" and cfg.warmup_steps <= total:
+    total = 0
+  return _make_optimizer(cfg, total)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+  """``make_optimizer`` for a normalised ``total_updates`` (0: does not matter).
+
+  Wrapped in ``apply_if_finite``: an update whose gradient holds NaN or inf is
+  skipped (and counted in the optimizer state); the loop stops the run after
+  ``cfg.max_nonfinite`` in a row.
+  """
+  total = max(int(total_updates), 1)
+  warm = cfg.warmup_steps if total_updates == 0 else min(cfg.warmup_steps, total)
+  if cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.lr, max(total - warm, 1))
+  else:
+    after = optax.constant_schedule(cfg.lr)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm]) if warm else after
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+  )
+  # Counted, never applied: the loop stops the run before this bound is hit.
+  return optax.apply_if_finite(tx, max_consecutive_errors=cfg.max_nonfinite + 1)
+
+
+def nonfinite_count(opt_state) -> jax.Array:
+  """Consecutive skipped (non-finite) updates, from the ``apply_if_finite`` state."""
+  return opt_state.notfinite_count
+
+
+def init_state(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key)
+
+
+def response_logprobs(spec: StepSpec, params, batch: Batch):
+  """log pi and full-vocabulary entropy of each response token, float32 [B, R].
+
+  The model hands over final hidden states and the unembedding instead of
+  logits, so [B, R, V] logits exist only one chunk at a time.
+  """
+  r = batch.response_mask.shape[1]
+  p = batch.tokens.shape[1] - r
+  out, _ = models.apply(spec.model, params, batch.tokens, batch.positions,
+                        attention_mask=batch.attention_mask, return_hidden=True)
+  hidden, kernel = out
+  # logits at position P-1+t predict response token t.
+  hidden = hidden[:, p - 1:p - 1 + r]
+  temperature = spec.temperature if spec.temperature > 0 else 1.0
+  return ops.logprobs_and_entropy(ops.HiddenAndHead(hidden, kernel), batch.tokens[:, p:],
+                                  temperature=temperature)
+
+
+def _split_micro(tree, n: int):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+
+
+def _select(lcfg: LossConfig, log_prob, batch: Batch, key):
+  lp = jax.lax.stop_gradient(log_prob)
+  if lcfg.name == "clip_cov":
+    return losses.select_clip_cov(lp, batch.old_log_prob, batch.advantages, batch.response_mask,
+                                  key=key, ratio=lcfg.ratio, cov_lb=lcfg.cov_lb, cov_ub=lcfg.cov_ub,
+                                  clip_low=lcfg.clip_low, clip_high=lcfg.clip_high)
+  if lcfg.name == "kl_cov":
+    return losses.select_kl_cov(lp, batch.advantages, batch.response_mask, ratio=lcfg.ratio)
+  return None
+
+
+def _policy_loss(lcfg: LossConfig, log_prob, entropy, batch: Batch, selection, norms):
+  """The configured loss on one micro-batch, normalised by mini-batch counts."""
+  args = (log_prob, batch.old_log_prob, batch.advantages, batch.response_mask)
+  common = dict(agg=lcfg.agg, **norms)
+  if lcfg.name == "ppo_clip":
+    loss, m = losses.ppo_clip(*args, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
+                              dual_clip=lcfg.dual_clip, **common)
+  elif lcfg.name == "clip_cov":
+    loss, m = losses.clip_cov(*args, key=None, ratio=lcfg.ratio, cov_lb=lcfg.cov_lb, cov_ub=lcfg.cov_ub,
+                              clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
+                              selection=selection, **common)
+  else:
+    loss, m = losses.kl_cov(*args, ratio=lcfg.ratio, kl_coef=lcfg.kl_coef, selection=selection, **common)
+  m = dict(m)
+  m["pg_loss"] = loss
+  if lcfg.entropy_coef > 0:
+    ent_loss, _ = losses.entropy_bonus(entropy, batch.response_mask, **common)  # = -agg(H)
+    loss = loss + lcfg.entropy_coef * ent_loss
+  if lcfg.ref_kl_coef > 0:
+    kl, _ = losses.kl_penalty(log_prob, batch.ref_log_prob, batch.response_mask,
+                              kind=lcfg.ref_kl_kind, **common)
+    loss = loss + lcfg.ref_kl_coef * kl
+    m["ref_kl"] = kl
+  return loss, m
+
+
+def _norms(mask: jax.Array) -> dict:
+  """Mini-batch-wide normalisers for the aggregation modes."""
+  return dict(num_tokens=mask.sum(), num_seqs=(mask.sum(axis=1) > 0).sum(),
+              max_len=jnp.asarray(mask.shape[1], jnp.float32))
+
+
+def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: TrainState,
+                    batch: Batch) -> tuple[TrainState, dict]:
+  """One optimizer update on one mini-batch. Pure; jit with ``jit_train_step``."""
+  n_micro = spec.micro_batches
+  lcfg = spec.loss
+  key, sel_key = jax.random.split(state.key)
+  mask = batch.response_mask
+  norms = _norms(mask)
+  n_tok = jnp.maximum(norms["num_tokens"], 1.0)
+
+  # Selection over the whole mini-batch. With one micro-batch the selection
+  # is made inside the loss from the same forward pass (no extra cost); with
+  # several, a forward pass without gradient over the mini-batch comes first.
+  needs_sel = lcfg.name in ("clip_cov", "kl_cov")
+  selection = None
+  if needs_sel and n_micro > 1:
+    def fwd(_, mb):
+      lp, _ = response_logprobs(spec, state.params, mb)
+      return None, lp
+    _, lp_all = jax.lax.scan(fwd, None, _split_micro(batch, n_micro))
+    lp_all = lp_all.reshape(mask.shape)
+    selection = _select(lcfg, lp_all, batch, sel_key)
+
+  def micro_loss(params, mb, sel):
+    lp, ent = response_logprobs(spec, params, mb)
+    if needs_sel and sel is None:
+      sel = _select(lcfg, lp, mb, sel_key)
+    loss, m = _policy_loss(lcfg, lp, ent, mb, sel, norms)
+    mm = mb.response_mask
+    # token sums, divided by the mini-batch count after accumulation
+    m["entropy"] = jnp.where(mm > 0, ent, 0.0).sum() / n_tok
+    m["log_prob"] = jnp.where(mm > 0, lp, 0.0).sum() / n_tok
+    return loss, m
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if n_micro == 1:
+    (loss, metrics), grads = grad_fn(state.params, batch, selection)
+  else:
+    micro = _split_micro(batch, n_micro)
+    sel_micro = _split_micro(selection, n_micro) if selection is not None else None
+
+    def body(carry, xs):
+      g_acc, l_acc = carry
+      mb, sel = xs
+      (l, m), g = grad_fn(state.params, mb, sel)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss), ms = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, sel_micro))
+    # Normalised by mini-batch counts, the micro-batch metrics add up to the
+    # mini-batch values; the one per-selected-token mean is re-weighted.
+    metrics = {k: v.sum() for k, v in ms.items()}
+    if "selected_cov_mean" in ms:
+      n_sel = ms["num_selected"]
+      metrics["selected_cov_mean"] = (ms["selected_cov_mean"] * n_sel).sum() / jnp.maximum(n_sel.sum(), 1.0)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]).all()
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                 skipped=1 - finite.astype(jnp.int32),
+                 # apply_if_finite (make_optimizer) skips those updates and counts them
+                 nonfinite_in_a_row=getattr(opt_state, "notfinite_count", jnp.zeros((), jnp.int32)))
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=key)
+  return new_state, metrics
+
+
+@functools.lru_cache(maxsize=32)
+def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, in_shardings=None,
+                   out_shardings=None):
+  """``train_step(state, batch) -> (state, metrics)``, jitted, state donated."""
+  fn = functools.partial(train_step_impl, spec, tx)
+  kw = {}
+  if in_shardings is not None:
+    kw["in_shardings"] = in_shardings
+  if out_shardings is not None:
+    kw["out_shardings"] = out_shardings
+  return jax.jit(fn, donate_argnums=(0,), **kw)
+
+
+@functools.lru_cache(maxsize=32)
+def jit_logprobs(spec: StepSpec, micro_batches: int = 1):
+  """Jitted ``(params, batch) -> (log_prob, entropy)`` [B, R], in micro-batch chunks."""
+  def fn(params, batch):
+    if micro_batches == 1:
+      return response_logprobs(spec, params, batch)
+    def body(_, mb):
+      return None, response_logprobs(spec, params, mb)
+    _, (lp, ent) = jax.lax.scan(body, None, _split_micro(batch, micro_batches))
+    shape = batch.response_mask.shape
+    return lp.reshape(shape), ent.reshape(shape)
+  return jax.jit(fn)

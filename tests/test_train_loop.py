@@ -1,0 +1,119 @@
+"""The RL loop end to end on the generated task: run directory, metrics, exact resume, CLI."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxent import cli
+from jaxent import config as C
+from jaxent.train import _build, _eval, _loop
+
+ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+        "head_dim": 16, "intermediate_size": 64, "tie_word_embeddings": True}
+BASE = {
+    "name": "tiny",
+    "model": {"arch": ARCH},
+    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
+    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
+                "reward": "arithmetic_exact"},
+    "loss": {"name": "kl_cov", "ratio": 0.1},
+    "optim": {"lr": 1e-3},
+    "train": {"steps": 4, "mini_batches": 2, "micro_batches": 2, "eval_every": 2, "ckpt_every": 2,
+              "progress": False},
+}
+KEYS = {"step", "entropy", "reward_mean", "accuracy", "selected_frac", "clipfrac", "approx_kl",
+        "grad_norm", "response_len_mean", "tokens_per_s", "step_time_s", "cov", "cov_p99", "cov_frac_pos",
+        "data_valid", "reward_reward_failures"}
+
+
+def _run(tmp, name, overrides=(), resume=False):
+  cfg = C.from_dict(BASE, list(overrides))
+  run_dir = os.path.join(tmp, name)
+  comps = _build.build_components(cfg, run_dir)
+  return _loop.train(cfg, run_dir, comps, resume=resume), run_dir
+
+
+def _strip(rows):
+  timing = ("step_time_s", "sample_time_s", "tokens_per_s")
+  return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("loop"))
+  res, run_dir = _run(tmp, "full")
+  return tmp, res, run_dir
+
+
+def test_run_directory_layout_and_metrics(full_run):
+  _, res, run_dir = full_run
+  assert sorted(os.listdir(run_dir)) >= ["checkpoints", "config.yaml", "data", "metrics.jsonl", "tb"]
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  missing = KEYS - set(rows[0])
+  assert not missing, missing
+  assert "eval_accuracy" in rows[1] and "eval_accuracy" in rows[3]
+  for r in rows:
+    assert 0 < r["entropy"] < np.log(15) + 1e-3           # full-vocabulary entropy in nats
+    assert 0 < r["selected_frac"] <= 0.1 + 1e-6           # KL-Cov selects ratio of the tokens
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
+  saved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+  assert saved["loss"]["name"] == "kl_cov" and saved["train"]["steps"] == 4
+  assert int(res.state.step) == 4 * 2                     # steps x mini-batches updates
+
+
+def test_resume_is_exact(full_run):
+  """Stop after step 2, resume to step 4: same metrics and bitwise-equal parameters."""
+  tmp, res, _ = full_run
+  _run(tmp, "split", ["train.steps=2"])
+  res2, run_dir = _run(tmp, "split", [], resume=True)
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  full_rows = [json.loads(l) for l in open(os.path.join(tmp, "full", "metrics.jsonl"))]
+  assert _strip(rows) == _strip(full_rows)
+  for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(res2.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_and_eval_from_the_run(full_run, tmp_path):
+  _, res, run_dir = full_run
+  out = str(tmp_path / "hf")
+  assert cli.main(["export", run_dir, out]) == 0
+  assert os.path.isfile(os.path.join(out, "model.safetensors"))
+  cfg, model, _, step = _eval.load_run(run_dir)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(model.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  bench = os.path.join(run_dir, "data", "heldout.jsonl")
+  outj = str(tmp_path / "eval.json")
+  assert cli.main(["eval", "--model", run_dir, "--data", bench, "--reward", "arithmetic_exact",
+                   "--max-new-tokens", "4", "--k", "2", "--temperature", "1.0", "--out", outj]) == 0
+  r = json.load(open(outj))[0]
+  assert r["prompts"] == 16 and 0 <= r["mean@2"] <= r["pass@2"] <= 1
+
+
+def test_pass_at_k_against_brute_force():
+  from itertools import combinations
+  rng = np.random.default_rng(0)
+  correct = rng.random((20, 6)) < 0.3
+  for k in (1, 2, 4, 6):
+    brute = np.mean([np.mean([any(row[list(c)]) for c in combinations(range(6), k)]) for row in correct])
+    assert _eval.pass_at_k(correct, k) == pytest.approx(brute)
+
+
+def test_cli_train_bad_input_exit_2(tmp_path, capsys):
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text(yaml.safe_dump(BASE))
+  run_dir = tmp_path / "never"
+  assert cli.main(["train", str(cfg), "--set", "loss.rato=0.1", "--run-dir", str(run_dir)]) == 2
+  err = capsys.readouterr().err
+  assert "loss.rato: unknown key; did you mean 'loss.ratio'?" in err and len(err.strip().splitlines()) == 1
+  assert not run_dir.exists()                              # nothing written
+  assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+  bad_data = dict(BASE, model={"path": str(tmp_path)}, data={"task": "jsonl", "train_path": "x.jsonl"})
+  cfg.write_text(yaml.safe_dump(bad_data))
+  assert cli.main(["train", str(cfg), "--run-dir", str(run_dir)]) == 2
+  assert "model.path" in capsys.readouterr().err
