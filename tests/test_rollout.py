@@ -21,13 +21,13 @@ def _case():
 def test_layout_positions_and_masks():
   prompts, n, toks, mask, rewards = _case()
   b, stats = rollout.assemble(prompts, toks, mask, rewards, samples_per_prompt=n, pad_id=PAD, eos_id=EOS)
-  assert b.tokens.shape == (6, 8 + 4) and b.prompt_len == 8       # prompt bucket 8
-  # row 0: prompt [5,6,7] left-padded to 8, then the response up to EOS, pad after
-  np.testing.assert_array_equal(b.tokens[0], [0, 0, 0, 0, 0, 5, 6, 7, 1, 2, EOS, PAD])
-  np.testing.assert_array_equal(b.attention_mask[0], [0] * 5 + [1] * 6 + [0])
-  np.testing.assert_array_equal(b.positions[0, 5:], np.arange(7))  # 0 at the first real token
-  np.testing.assert_array_equal(b.tokens[3, :8], [0] * 7 + [3])
-  np.testing.assert_array_equal(b.positions[3, 7:], np.arange(5))
+  assert b.tokens.shape == (6, 4 + 4) and b.prompt_len == 4       # prompt bucket 4
+  # row 0: prompt [5,6,7] left-padded to 4, then the response up to EOS, pad after
+  np.testing.assert_array_equal(b.tokens[0], [0, 5, 6, 7, 1, 2, EOS, PAD])
+  np.testing.assert_array_equal(b.attention_mask[0], [0] + [1] * 6 + [0])
+  np.testing.assert_array_equal(b.positions[0, 1:], np.arange(7))  # 0 at the first real token
+  np.testing.assert_array_equal(b.tokens[3, :4], [0] * 3 + [3])
+  np.testing.assert_array_equal(b.positions[3, 3:], np.arange(5))
   np.testing.assert_array_equal(b.response_mask, mask)
   assert stats.truncated_frac == pytest.approx(1 / 6)            # row 2 never emitted EOS
   assert stats.accuracy == pytest.approx(4 / 6)
@@ -49,7 +49,7 @@ def test_filter_groups_masks_uniform_groups_only():
   b, stats = rollout.assemble(prompts, toks, mask, rewards, samples_per_prompt=n, pad_id=PAD,
                               filter_groups=True)
   assert stats.filtered_groups == 1
-  assert b.response_mask[3:].sum() == 0 and b.attention_mask[3:, 8:].sum() == 0
+  assert b.response_mask[3:].sum() == 0 and b.attention_mask[3:, 4:].sum() == 0
   np.testing.assert_array_equal(b.response_mask[:3], mask[:3])
 
 
@@ -59,5 +59,6 @@ def test_bad_shapes_are_named():
     rollout.assemble(prompts, toks, mask, rewards, samples_per_prompt=2, pad_id=PAD)
   with pytest.raises(ValueError, match="rewards has shape"):
     rollout.assemble(prompts, toks, mask, rewards[:3], samples_per_prompt=n, pad_id=PAD)
+  assert [rollout.bucket_length(n) for n in (1, 4, 9, 64, 65, 200)] == [4, 4, 12, 64, 128, 256]
   with pytest.raises(ValueError, match="prompt_len is 2"):
     rollout.assemble(prompts, toks, mask, rewards, samples_per_prompt=n, pad_id=PAD, prompt_len=2)

@@ -16,9 +16,15 @@ from jaxent import advantages as adv_lib
 from jaxent.types import Batch
 
 
-def bucket_length(n: int, minimum: int = 8) -> int:
-  """Smallest power of two >= max(n, minimum): prompt lengths in one bucket share a compile."""
-  b = minimum
+def bucket_length(n: int) -> int:
+  """Padded prompt length for a longest prompt of ``n`` tokens.
+
+  Multiples of 4 up to 64 (short prompts waste little compute on padding),
+  powers of two above (few distinct shapes, so few compiles).
+  """
+  if n <= 64:
+    return max(4, -(-n // 4) * 4)
+  b = 128
   while b < n:
     b *= 2
   return b
