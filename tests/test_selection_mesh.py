@@ -211,7 +211,8 @@ def test_losses_on_mesh_match_single_device(shape):
       np.testing.assert_array_equal(got[1], sel_cc)   # same key -> same random choice
       # Losses and metrics: global sums in a different reduction order.
       for name, g, w in [("kl_cov", got[2], want[2]), ("clip_cov", got[3], want[3])]:
-        np.testing.assert_allclose(g[0], w[0], rtol=1e-6, err_msg=name)
+        # atol: a loss near 0 is a cancelling sum of O(1) terms (token-mean).
+        np.testing.assert_allclose(g[0], w[0], rtol=1e-6, atol=1e-7, err_msg=name)
         assert g[1].keys() == w[1].keys()
         for m in w[1]:
           np.testing.assert_allclose(g[1][m], w[1][m], rtol=1e-6, atol=1e-7,

@@ -78,13 +78,24 @@ def token_covariance(log_prob: jax.Array, advantages: jax.Array, mask: jax.Array
     float ``[B, T]``, 0 at masked positions.
   """
   check_tokens(log_prob, mask, advantages=advantages)
-  valid = as_valid(mask)
+  return _covariance_and_count(log_prob, advantages, as_valid(mask))[0]
+
+
+def _covariance_and_count(log_prob, advantages, valid):
+  """``token_covariance`` and the number of valid tokens (int32 scalar).
+
+  The count is the same ``jnp.sum(valid)`` the losses' aggregation uses, so
+  under one ``jit`` it is computed once. (One variadic reduction for
+  ``Σ A``, ``Σ log π`` and ``N`` was measured slower in the losses: XLA:CPU
+  runs it unvectorised, while the masked arrays the separate sums write out
+  are reused by the loss.)
+  """
   lp = jnp.where(valid, upcast(lax.stop_gradient(log_prob)), 0)
   a = jnp.where(valid, lax.stop_gradient(upcast(advantages)).astype(lp.dtype), 0)
-  n = jnp.maximum(jnp.sum(valid), 1).astype(lp.dtype)
-  mean_a = jnp.sum(a) / n
-  mean_lp = jnp.sum(lp) / n
-  return jnp.where(valid, (a - mean_a) * (lp - mean_lp), 0)
+  n_valid = jnp.sum(valid)
+  n = jnp.maximum(n_valid, 1).astype(lp.dtype)
+  cov = jnp.where(valid, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0)
+  return cov, n_valid
 
 
 def ppo_clipped(log_prob, old_log_prob, advantages, clip_low, clip_high):
@@ -130,8 +141,8 @@ def select_kl_cov_and_cov(log_prob, advantages, mask, *, ratio, k_max=None):
   check_ratio(ratio)
   k_max = resolve_k_max(ratio, k_max, log_prob.size)
   valid = as_valid(mask)
-  cov = token_covariance(log_prob, advantages, valid)
-  count = ops.selection_count(ratio, jnp.sum(valid), max_n=valid.size)
+  cov, n_valid = _covariance_and_count(log_prob, advantages, valid)
+  count = ops.selection_count(ratio, n_valid, max_n=valid.size)
   return ops.top_k_mask(cov, valid, count, k_max=k_max), cov
 
 
@@ -142,14 +153,20 @@ def clip_cov_candidates(log_prob, old_log_prob, advantages, mask, *, cov_lb, cov
   Candidates are valid tokens not already clipped by PPO (``L2 > L1``) with
   ``cov_lb < Cov < cov_ub``.
   """
-  valid = as_valid(mask)
+  return _candidates_cov_count(log_prob, old_log_prob, advantages, as_valid(mask), cov_lb=cov_lb,
+                               cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high)[:2]
+
+
+def _candidates_cov_count(log_prob, old_log_prob, advantages, valid, *, cov_lb, cov_ub, clip_low,
+                          clip_high):
+  """``clip_cov_candidates`` and the number of valid tokens (int32)."""
   a = jnp.where(valid, upcast(advantages), 0)
   lp = jnp.where(valid, upcast(log_prob), 0)
   old = jnp.where(valid, upcast(old_log_prob), 0)
   _, l1, l2 = ppo_clipped(lax.stop_gradient(lp), old, a, clip_low, clip_high)
-  cov = token_covariance(lp, a, valid)
+  cov, n_valid = _covariance_and_count(lp, a, valid)
   cand = valid & ~(l2 > l1) & (cov > cov_lb) & (cov < cov_ub)
-  return cand, cov
+  return cand, cov, n_valid
 
 
 def check_cov_band(cov_lb, cov_ub) -> None:
@@ -169,9 +186,10 @@ def select_clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: ja
   Candidates: valid, not PPO-clipped (``L2 > L1`` with the clamped ratio),
   ``cov_lb < Cov < cov_ub``. Chosen: ``min(max(1, floor(ratio·N)), #candidates)``
   of them (``N`` = number of valid tokens), uniformly without replacement.
-  Each token draws an iid ``U(0, 1)`` from ``key`` and the candidates with the
-  largest draws win: every subset of the right size is equally likely, and
-  the same key gives the same choice.
+  Each token gets a pseudo-random 30-bit value, a hash of ``key`` and its
+  row-major index (``token_uniforms``), and the candidates with the largest
+  values win: every subset of the right size is equally likely, the same key
+  gives the same choice, on one device or any mesh.
 
   Args:
     log_prob, old_log_prob, advantages, mask: ``[B, T]``.
@@ -200,8 +218,45 @@ def select_clip_cov_and_cov(log_prob, old_log_prob, advantages, mask, *, key, ra
     raise ValueError("key must be a JAX PRNG key (Clip-Cov chooses tokens at random)")
   k_max = resolve_k_max(ratio, k_max, log_prob.size)
   valid = as_valid(mask)
-  cand, cov = clip_cov_candidates(log_prob, old_log_prob, advantages, valid, cov_lb=cov_lb,
-                                  cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high)
-  count = ops.selection_count(ratio, jnp.sum(valid), max_n=valid.size)
-  u = jax.random.uniform(key, log_prob.shape, jnp.float32)
+  cand, cov, n_valid = _candidates_cov_count(log_prob, old_log_prob, advantages, valid,
+                                             cov_lb=cov_lb, cov_ub=cov_ub, clip_low=clip_low,
+                                             clip_high=clip_high)
+  count = ops.selection_count(ratio, n_valid, max_n=valid.size)
+  u = token_uniforms(key, log_prob.shape)
   return ops.top_k_mask(u, cand, count, k_max=k_max), cov
+
+
+def _fmix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def token_uniforms(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """One pseudo-random float32 per token of a ``[B, T]`` batch, for ranking.
+
+  ``h_i = fmix32(fmix32(i·φ + s_0) ⊕ s_1)`` with ``i`` the global row-major
+  index, ``φ = 0x9E3779B9`` and two 32-bit seeds ``s_0, s_1`` drawn from
+  ``key`` (threefry, two words). Per token that is a dozen integer ops, about
+  a tenth of threefry-drawing a uniform per token (the cost that dominated
+  Clip-Cov), and a pure function of ``(key, i)``: the same on one device or
+  any mesh, however the batch is sharded. For fixed seeds ``h`` is a
+  bijection of ``i`` (every step is), so distinct tokens get distinct 32-bit
+  hashes. The top 30 bits are mapped, order-preserving, to the finite floats
+  ``[1, 2^128)`` (bit patterns ``0x3F800000 + (h >> 2)``), which ``top_k``
+  ranks like the integers; two tokens tie with probability 2^-30 (then the
+  lower index wins), 2^7 times less often than two float32 ``U(0, 1)`` draws
+  (23 random bits).
+
+  Returns:
+    float32 ``shape``: only the order of the values is meaningful.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  rows = lax.broadcasted_iota(jnp.uint32, shape, 0)
+  cols = lax.broadcasted_iota(jnp.uint32, shape, 1)
+  i = rows * jnp.uint32(shape[1]) + cols                     # wraps mod 2^32 past 4G tokens
+  h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
+  return lax.bitcast_convert_type((h >> 2) + jnp.uint32(0x3F800000), jnp.float32)
