@@ -22,6 +22,8 @@ import numpy as np
 from jax import lax
 
 from jaxent import losses, ops
+from jaxent.losses._covariance import token_uniforms
+from jaxent.ops._select import _top_k_exact
 
 
 def _inputs(batch: int, length: int, seed: int = 0):
@@ -55,8 +57,10 @@ def main() -> None:
   }
   k_max = ops.static_count_bound(r, lp.size)
   sel = losses.select_kl_cov(lp, adv, mask, ratio=r)
-  # Where the time goes: the selections alone, the loss with a precomputed
-  # selection, the iid uniforms Clip-Cov draws, and the bare lax.top_k.
+  # Where the time goes: the selections alone, the losses with a precomputed
+  # selection, Clip-Cov's hashed ranking values (and, for comparison, the
+  # threefry uniforms it used to draw), and the exact top-k: block-pruned as
+  # ops.top_k_mask does it, and one flat lax.top_k.
   parts = {
       "select_kl_cov": (jax.jit(functools.partial(losses.select_kl_cov, ratio=r)),
                         (lp, adv, mask)),
@@ -67,8 +71,10 @@ def main() -> None:
           lp, old, adv, mask, selection=sel)), (lp, old, adv, mask, sel)),
       "clip_cov(selection=)": (vg(lambda lp, old, adv, mask, sel: losses.clip_cov(
           lp, old, adv, mask, selection=sel)), (lp, old, adv, mask, sel)),
-      "uniform(key, [B,T])": (jax.jit(lambda key: jax.random.uniform(key, lp.shape)), (key,)),
-      f"lax.top_k(k={k_max})": (jax.jit(lambda x: lax.top_k(x.reshape(-1), k_max)), (lp,)),
+      "token_uniforms (hash)": (jax.jit(lambda key: token_uniforms(key, lp.shape)), (key,)),
+      "threefry uniform [B,T]": (jax.jit(lambda key: jax.random.uniform(key, lp.shape)), (key,)),
+      f"block top-k (k={k_max})": (jax.jit(lambda x: _top_k_exact(x.reshape(-1), k_max)), (lp,)),
+      f"lax.top_k (k={k_max})": (jax.jit(lambda x: lax.top_k(x.reshape(-1), k_max)), (lp,)),
   }
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"tokens={args.batch}x{args.time} ratio={r} k_max={k_max}")
@@ -89,7 +95,7 @@ def main() -> None:
     if name == "select_kl_cov":
       print("  breakdown:")
     ratios = [t / b for t, b in zip(times[name], base)]
-    print(f"{name:>22s}  {statistics.median(times[name]) * 1e3:8.2f} ms  "
+    print(f"{name:>24s}  {statistics.median(times[name]) * 1e3:8.2f} ms  "
           f"{statistics.median(ratios):5.2f}x ppo_clip (IQR {np.percentile(ratios, 25):.2f}-"
           f"{np.percentile(ratios, 75):.2f})")
 
