@@ -11,6 +11,7 @@ import os
 from jaxent import data as data_lib
 from jaxent import models, rewards
 from jaxent.config import Config
+from jaxent.train._checkpoint import run_path
 from jaxent.train._loop import Components
 
 
@@ -52,14 +53,18 @@ def load_policy(cfg: Config):
 
 
 def arithmetic_files(cfg: Config, directory: str, *, num_train: int = 50_000) -> tuple[str, str]:
-  """Writes the generated task's train and held-out JSONL (read back by the data pipeline)."""
+  """Writes the generated task's train and held-out JSONL (read back by the data pipeline).
+
+  The files go to ``directory`` itself: a name there that is a symlink to
+  elsewhere is refused (``RunDirError``) rather than written through.
+  """
   d = cfg.data
   task = data_lib.arithmetic.ArithmeticTask(num_operands=d.num_operands, num_digits=d.num_digits)
   os.makedirs(directory, exist_ok=True)
   n_train = min(num_train, int(0.5 * task.num_problems))
   try:
-    train = task.write_jsonl(os.path.join(directory, "train.jsonl"), n_train, seed=d.shuffle_seed)
-    held = task.write_jsonl(os.path.join(directory, "heldout.jsonl"), d.num_eval,
+    train = task.write_jsonl(run_path(directory, "train.jsonl"), n_train, seed=d.shuffle_seed)
+    held = task.write_jsonl(run_path(directory, "heldout.jsonl"), d.num_eval,
                             seed=d.shuffle_seed + 1, split="heldout")
   except ValueError as e:  # e.g. more held-out problems asked than the task has
     raise SetupError(f"data.num_eval / data.num_digits / data.num_operands: {e}") from e
@@ -72,7 +77,10 @@ def build_components(cfg: Config, run_dir: str, *, params=None, process_index: i
   model, tok = load_policy(cfg)
   d = cfg.data
   if d.task == "arithmetic":
-    train_path, eval_path = arithmetic_files(cfg, os.path.join(run_dir, "data"))
+    try:
+      train_path, eval_path = arithmetic_files(cfg, run_path(run_dir, "data"))
+    except OSError as e:  # run directory under a file, a symlink out of it, disk full
+      raise SetupError(f"run directory {run_dir}: cannot write the generated task's data: {e}") from e
   else:
     train_path, eval_path = d.train_path, d.eval_path
   dcfg = data_lib.PromptDataConfig(

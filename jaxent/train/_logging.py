@@ -1,4 +1,12 @@
-"""Metrics to ``metrics.jsonl`` and TensorBoard (tensorboardX), process 0 only."""
+"""Metrics to ``metrics.jsonl`` and TensorBoard (tensorboardX), process 0 only.
+
+Each row is appended whole and the file closed after every step, so a killed
+run leaves at most a partial last line; a resumed run rewrites the file up to
+its checkpoint's step (:func:`truncate_after`), dropping that line and the
+rows after the checkpoint. Paths are resolved inside the run directory
+(``_checkpoint.run_path``): a ``metrics.jsonl`` or ``tb`` symlink to
+elsewhere is refused.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +15,8 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from jaxent.train._checkpoint import run_path
 
 
 def _scalar(v: Any) -> float | int | None:
@@ -30,11 +40,11 @@ class MetricsLogger:
 
   def __init__(self, run_dir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.path = run_path(run_dir, "metrics.jsonl")
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # host I/O: imported only where used
-      self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+      self._tb = SummaryWriter(run_path(run_dir, "tb"))
 
   def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
     row = {"step": int(step)}
@@ -61,18 +71,25 @@ class MetricsLogger:
 
 
 def truncate_after(path: str, step: int) -> None:
-  """Drops rows with ``step > step`` (a resumed run rewrites what came after its checkpoint)."""
+  """Drops rows with ``step > step`` (a resumed run rewrites what came after its checkpoint).
+
+  Lines that are not a JSON object with an integer ``step`` (a row cut short
+  by a kill, bytes that are not UTF-8) are dropped too. The file is replaced
+  atomically (written beside it, then renamed).
+  """
   if not os.path.exists(path):
     return
   keep = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
-        if json.loads(line).get("step", 0) <= step:
-          keep.append(line)
+        row = json.loads(line)
       except json.JSONDecodeError:
         continue
-  tmp = path + ".tmp"
+      s = row.get("step") if isinstance(row, dict) else None
+      if isinstance(s, int) and s <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  tmp = run_path(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(keep)
   os.replace(tmp, path)

@@ -93,7 +93,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   is_main = jax.process_index() == 0 if is_main is None else is_main
   os.makedirs(run_dir, exist_ok=True)
   if is_main:
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+    with open(_checkpoint.run_path(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
       f.write(cfg.to_yaml())
 
   ro, tr = cfg.rollout, cfg.train
@@ -111,11 +111,12 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   state = init_state(jax.tree.map(jnp.copy, comps.params), tx, jax.random.fold_in(base_key, 1))
   ref_params = comps.params if cfg.loss.ref_kl_coef > 0 else None
 
-  ckpt = _checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=tr.keep_checkpoints)
+  # Every file of the run resolves inside run_dir (a symlink out of it is refused).
+  ckpt = _checkpoint.Checkpointer(_checkpoint.run_path(run_dir, "checkpoints"), keep=tr.keep_checkpoints)
   start = 0
   history: list[dict] = []
   evals: list[dict] = []
-  metrics_path = os.path.join(run_dir, "metrics.jsonl")
+  metrics_path = _checkpoint.run_path(run_dir, "metrics.jsonl")
   if resume:
     last = ckpt.latest_step()
     if last is None:
@@ -202,7 +203,8 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       if row["nonfinite_in_a_row"] >= cfg.optim.max_nonfinite:
         save(done)
         stopped = (f"stopped at step {done}: {row['nonfinite_in_a_row']} non-finite updates in a row "
-                   f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); checkpoint saved")
+                   f"(optim.max_nonfinite={cfg.optim.max_nonfinite}); checkpoint {done} saved in "
+                   f"{ckpt.directory}")
         raise TrainingError(stopped)
       if tr.ckpt_every and done % tr.ckpt_every == 0 and done != tr.steps:
         save(done)
