@@ -251,6 +251,12 @@ def test_checkpoint_write_failures_are_reported(tmp_path, monkeypatch):
     ck.save(4, state, {"rl_step": 4})
   assert ck.latest_step() == 1
   np.testing.assert_array_equal(ck.restore(1, state)[0]["w"], np.arange(4.0))
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  os.symlink(outside, os.path.join(ck_dir, "5"))            # orbax would write through it
+  with pytest.raises(RunDirError, match="5 is a symlink; refusing"):
+    ck.save(5, state, {"rl_step": 5})
+  assert os.listdir(outside) == []
   ck.close()
   (tmp_path / "file").write_text("x")
   with pytest.raises(RunDirError, match=re.escape(f"{tmp_path / 'file'} exists and is not a directory")):
@@ -293,6 +299,11 @@ def test_unwritable_run_directory_exit_2_naming_the_path(tmp_path, capsys):
   msg = _one_line_error(capsys)
   assert f"{os.path.realpath(run_dir / 'checkpoints')} exists and is not a directory" in msg
   assert not (run_dir / "metrics.jsonl").exists()            # stopped before any step
+  # --resume with nothing to resume from
+  os.remove(run_dir / "checkpoints")
+  assert cli.main(["train", cfg_path, "--run-dir", str(run_dir), "--resume"]) == 2
+  msg = _one_line_error(capsys)
+  assert f"--resume: no complete checkpoint under {os.path.realpath(run_dir / 'checkpoints')}" in msg
 
 
 # --------------------------------------------------------------------------- escaping paths ---

@@ -9,6 +9,7 @@ handed in by the demo.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -120,7 +121,8 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   if resume:
     last = ckpt.latest_step()
     if last is None:
-      raise TrainingError(f"--resume: no complete checkpoint under {ckpt.directory}")
+      raise _checkpoint.RunDirError(f"--resume: no complete checkpoint under {ckpt.directory}",
+                                    errno.ENOENT)  # bad input: CLI exit 2
     state, host = ckpt.restore(last, state)
     comps.prompts.set_state(host["data"])
     start = int(host["rl_step"])
