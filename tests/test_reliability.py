@@ -26,7 +26,7 @@ import yaml
 import jaxent
 from jaxent import cli
 from jaxent import config as C
-from jaxent.train import _build, _checkpoint, _eval, _loop
+from jaxent.train import _build, _eval, _loop
 from jaxent.train._checkpoint import Checkpointer, RunDirError, run_path
 
 ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
@@ -134,7 +134,8 @@ def killed_and_resumed(tmp_path_factory):
     proc.wait()
     log.close()
   out = open(os.path.join(tmp, "victim.log")).read()
-  assert proc.returncode == -signal.SIGKILL, f"victim was not killed mid-run (rc {proc.returncode}):\n{out}"
+  assert proc.returncode == -signal.SIGKILL, \
+      f"victim was not killed mid-run (rc {proc.returncode}):\n{out}"
   seen["resume_rc"] = cli.main(["train", cfg_path, "--run-dir", victim, "--resume"])
   return ref, victim, seen
 
@@ -154,7 +155,8 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(killed_and_resumed):
   step_b, b = _params(ref)
   assert step_a == step_b == 8
   _assert_bitwise(a, b)
-  assert _complete_steps(os.path.join(victim, "checkpoints")) == _complete_steps(os.path.join(ref, "checkpoints"))
+  ckpts = [_complete_steps(os.path.join(d, "checkpoints")) for d in (victim, ref)]
+  assert ckpts[0] == ckpts[1]
 
 
 # -------------------------------------------------------------- kill during a checkpoint write ---
@@ -403,8 +405,9 @@ def test_nonfinite_updates_skipped_counted_then_stop_with_checkpoint(tmp_path, m
 
 # ------------------------------------------------------------------------------- bad data ---
 
-BAD_ROWS = ['{"prompt": "1+2=", "answer"', '[1, 2]', '{"answer": "3$"}', '{"prompt": 12, "answer": "3$"}',
-            '{"prompt": "1+x=", "answer": "3$"}', '{"prompt": "  ", "answer": "3$"}']
+BAD_ROWS = ['{"prompt": "1+2=", "answer"', '[1, 2]', '{"answer": "3$"}',
+            '{"prompt": 12, "answer": "3$"}', '{"prompt": "1+x=", "answer": "3$"}',
+            '{"prompt": "  ", "answer": "3$"}']
 
 
 def test_bad_rows_skipped_and_counted_in_metrics(tmp_path, monkeypatch):
@@ -458,7 +461,8 @@ def test_empty_or_unreadable_dataset_exit_2(tmp_path, monkeypatch, capsys, kind)
     ("train.steps=[1]", "train.steps: expected an integer"),
     ("loss.ratio=1.5", "loss.ratio: must be in (0, 1]"),
     ("optim.max_nonfinite=0", "optim.max_nonfinite: must be >= 1"),
-    ("loss.name=grpo", "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov']"),
+    ("loss.name=grpo",
+     "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov']"),
     ("train.stepz=3", "train.stepz: unknown key; did you mean 'train.steps'?"),
 ])
 def test_cli_bad_config_exit_2_one_line_nothing_written(tmp_path, capsys, override, needle):
@@ -476,6 +480,10 @@ def test_cli_bad_config_exit_2_one_line_nothing_written(tmp_path, capsys, overri
 # worker unpickles the reward function reference that its own parent pickled
 # from the registry (never model output, never a file).
 _PICKLE_ALLOWED = {("rewards/_worker.py", "pickle.loads")}
+
+
+_PICKLERS = ("pickle.", "cPickle.", "dill.", "cloudpickle.", "marshal.", "shelve.")
+_UNPICKLE = ("load", "loads", "Unpickler", "open")
 
 
 def _dotted(node):
@@ -505,8 +513,7 @@ def _unsafe_calls(tree):
     kw = {k.arg: k.value for k in node.keywords if k.arg}
     if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec"):
       found.append((node.lineno, name))
-    elif name and (name.startswith(("pickle.", "cPickle.", "dill.", "cloudpickle.", "marshal.", "shelve."))
-                   and name.rsplit(".", 1)[1] in ("load", "loads", "Unpickler", "open")):
+    elif name and name.startswith(_PICKLERS) and name.rsplit(".", 1)[1] in _UNPICKLE:
       found.append((node.lineno, name))
     elif name in ("torch.load", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "joblib.load"):
       found.append((node.lineno, name))
@@ -531,7 +538,8 @@ def test_source_never_unpickles_evaluates_or_trusts_remote_code():
   assert not bad, "unsafe deserialization or code execution:\n" + "\n".join(bad)
   # the scanner itself finds each pattern (so a pass above means something)
   probe = ast.parse("import pickle, torch, yaml\nfrom pickle import loads\neval(s)\nexec(s)\n"
-                    "pickle.load(f)\nloads(b)\ntorch.load(p)\nyaml.load(s)\nnp.load(p, allow_pickle=True)\n"
+                    "pickle.load(f)\nloads(b)\ntorch.load(p)\nyaml.load(s)\n"
+                    "np.load(p, allow_pickle=True)\n"
                     "AutoModel.from_pretrained(p, trust_remote_code=True)\nf(trust_remote_code=flag)\n"
                     "g(trust_remote_code=False)\nre.compile('x')\nmodel.eval()\n")
   assert [w for _, w in sorted(_unsafe_calls(probe))] == [
