@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3  # the run stopped itself (e.g. non-finite updates); checkpoint saved
+EXIT_NO_COORDINATOR = 4    # a multi-process run could not join its coordinator in time
 
 
 def _error(msg: str) -> int:
@@ -84,6 +85,26 @@ def _add_train(sub) -> None:
   p.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the run directory's last complete checkpoint")
+  p.add_argument("--dry-run", action="store_true",
+                 help="validate the config, build the model (no weights) and mesh abstractly, "
+                      "compile (or lower) the train step for the target mesh, print the parameter "
+                      "count and memory per device; writes nothing")
+  p.add_argument("--topology", default=None, metavar="N|NAME",
+                 help="--dry-run target: a device count (e.g. 64) or a TPU topology name for "
+                      "ahead-of-time compilation (e.g. v5p:4x4x4, needs libtpu)")
+  p.add_argument("--platform", default=None, choices=("tpu", "cuda", "rocm", "cpu"),
+                 help="--dry-run: platform to lower for when the mesh is not here (default tpu)")
+  g = p.add_argument_group(
+      "multi-process", "Several hosts run the same command. TPU pod slices and SLURM jobs are "
+      "detected; otherwise give all three of these (or JAXENT_COORDINATOR, "
+      "JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, where the coordinator listens")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
+  g.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
+                 help="give up (exit 4) if the processes have not all joined by then "
+                      "(default JAXENT_INIT_TIMEOUT or 300)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -93,11 +114,35 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = config_lib.load(args.config, args.overrides)
   except bad as e:
     return _error(str(e))
+  if args.dry_run:
+    from jaxent.train import _dryrun
+    try:
+      _dryrun.dry_run(cfg, topology=args.topology, platform=args.platform)
+    except bad as e:
+      return _error(str(e))
+    return EXIT_OK
+  from jaxent.train import _distributed
+  try:
+    # Before JAX touches a device: joins the hosts of a multi-process job.
+    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
+  except _distributed.DistributedError as e:
+    return _error(str(e))
   import jax
   from jaxent.train import _build, _loop
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
+  # The generated task's files are written by process 0 into the run
+  # directory; the others generate the same files privately (no two processes
+  # write one file).
+  data_dir = run_dir
+  if jax.process_index() > 0 and cfg.data.task == "arithmetic":
+    import atexit
+    import shutil
+    import tempfile
+    data_dir = tempfile.mkdtemp(prefix=f"jaxent-p{jax.process_index()}-")
+    atexit.register(shutil.rmtree, data_dir, True)
   try:
-    comps = _build.build_components(cfg, run_dir, process_index=jax.process_index(),
+    comps = _build.build_components(cfg, data_dir, process_index=jax.process_index(),
                                     process_count=jax.process_count())
     res = _loop.train(cfg, run_dir, comps, resume=args.resume)
   except bad as e:

@@ -1,8 +1,11 @@
 """Layer 6: the jitted update step, optimizer, loop, checkpoints and logging."""
 from jaxent.train._checkpoint import Checkpointer
+from jaxent.train._distributed import DistributedError, DistributedInfo, initialize_distributed
+from jaxent.train._dryrun import DryRunReport, dry_run
 from jaxent.train._logging import MetricsLogger
 from jaxent.train._loop import Components, Policy, TrainingError, TrainResult, evaluate, train
 from jaxent.train._sft import make_sft_step, sft_loss
+from jaxent.train._shard import MeshPlan, plan_mesh, state_shardings
 from jaxent.train._step import (
     StepSpec,
     init_state,
@@ -11,11 +14,14 @@ from jaxent.train._step import (
     make_optimizer,
     nonfinite_count,
     response_logprobs,
+    step_shardings,
     train_step_impl,
 )
 
 __all__ = [
-    "Checkpointer", "Components", "MetricsLogger", "Policy", "StepSpec", "TrainResult",
-    "TrainingError", "evaluate", "init_state", "jit_logprobs", "jit_train_step", "make_optimizer",
-    "make_sft_step", "nonfinite_count", "response_logprobs", "sft_loss", "train", "train_step_impl",
+    "Checkpointer", "Components", "DistributedError", "DistributedInfo", "DryRunReport", "MeshPlan",
+    "MetricsLogger", "Policy", "StepSpec", "TrainResult", "TrainingError", "dry_run", "evaluate",
+    "init_state", "initialize_distributed", "jit_logprobs", "jit_train_step", "make_optimizer",
+    "make_sft_step", "nonfinite_count", "plan_mesh", "response_logprobs", "sft_loss",
+    "state_shardings", "step_shardings", "train", "train_step_impl",
 ]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
@@ -22,8 +24,8 @@ import numpy as np
 
 from jaxent import diagnostics, rollout, sampler
 from jaxent.config import Config
-from jaxent.train import _checkpoint, _logging
-from jaxent.train._step import StepSpec, init_state, jit_logprobs, jit_train_step, make_optimizer
+from jaxent.train import _checkpoint, _logging, _shard
+from jaxent.train._step import StepSpec, jit_logprobs, jit_train_step, make_optimizer
 from jaxent.types import Batch, TrainState
 
 
@@ -70,14 +72,18 @@ def _responses_text(tokens: np.ndarray, mask: np.ndarray, decode) -> list[str]:
   return [decode([int(t) for t in row[m > 0]]) for row, m in zip(tokens, mask)]
 
 
-def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size: int = 2048) -> dict:
-  """Greedy accuracy on the held-out set (mean reward and fraction correct)."""
+def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size: int = 2048,
+             mesh=None) -> dict:
+  """Greedy accuracy on the held-out set (mean reward and fraction correct).
+
+  Every process holds the whole held-out set and scores all of it.
+  """
   prompts, answers = comps.eval_set
   rewards = []
   for i in range(0, len(prompts), batch_size):
     out = sampler.generate(policy, prompts[i:i + batch_size], max_new_tokens=cfg.rollout.max_new_tokens,
-                           temperature=0.0, eos_id=comps.eos_id, key=key)
-    toks, mask = jax.device_get((out.tokens, out.mask))
+                           temperature=0.0, eos_id=comps.eos_id, key=key, mesh=mesh)
+    toks, mask = _shard.host_array(out.tokens), _shard.host_array(out.mask)
     texts = _responses_text(toks, mask, comps.decode)
     r, _ = comps.reward(texts, list(answers[i:i + batch_size]))
     rewards.append(np.asarray(r, np.float64))
@@ -85,13 +91,36 @@ def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size:
   return {"eval_reward": float(r.mean()), "eval_accuracy": float((r >= 0.5).mean())}
 
 
-_COV_STATS = jax.jit(lambda lp, a, m: diagnostics.token_covariance(lp, a, m)[1])
+@functools.lru_cache(maxsize=8)
+def _cov_stats_fn(mesh):
+  """Covariance statistics of the whole rollout, from its mini-batches (replicated scalars)."""
+  def fn(lps, advs, masks):
+    cat = lambda xs: jnp.concatenate(xs, axis=0)  # noqa: E731
+    return diagnostics.token_covariance(cat(lps), cat(advs), cat(masks))[1]
+  return jax.jit(fn, out_shardings=_shard.replicated(mesh))
+
+
+def _slice_rows(batch: Batch, start: int, stop: int) -> Batch:
+  return jax.tree.map(lambda x: x[start:stop], batch)
 
 
 def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
           is_main: bool | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-  """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md."""
+  """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md.
+
+  The run is one SPMD program over the mesh of ``cfg.mesh`` (see
+  ``_shard.plan_mesh``; a config that does not fit the devices raises
+  ``ConfigError`` before anything is written). With several processes
+  (``jax.distributed``), every process runs this function: each reads its own
+  prompts (``comps.prompts``), grades its own responses, and the global batch
+  is assembled on every host; only ``is_main`` (process 0) writes files.
+  """
   is_main = jax.process_index() == 0 if is_main is None else is_main
+  plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
+                          model_config=comps.model_config)
+  mesh = _shard.make_train_mesh(plan)
+  if plan.note and is_main:
+    print(f"jaxent: {plan.note}", file=sys.stderr)
   os.makedirs(run_dir, exist_ok=True)
   if is_main:
     with open(_checkpoint.run_path(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -104,13 +133,17 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   tx = make_optimizer(cfg.optim, tr.steps * updates_per_step)
   spec = StepSpec(model=comps.model_config, loss=cfg.loss, micro_batches=tr.micro_batches,
                   temperature=ro.temperature)
-  step_fn = jit_train_step(spec, tx)
-  logprob_fn = jit_logprobs(spec, micro_batches=tr.mini_batches * tr.micro_batches)
+  step_fn = jit_train_step(spec, tx, mesh=mesh)
+  logprob_fn = jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh)
+  cov_fn = _cov_stats_fn(mesh)
+  rows_sharding = _shard.batch_sharding(mesh)
   base_key = jax.random.PRNGKey(tr.seed)
-  # The update donates its state: train on a copy so the caller's params (and
-  # the reference policy) stay valid.
-  state = init_state(jax.tree.map(jnp.copy, comps.params), tx, jax.random.fold_in(base_key, 1))
-  ref_params = comps.params if cfg.loss.ref_kl_coef > 0 else None
+  # The update donates its state: train on a copy (laid out on the mesh) so
+  # the caller's params (and the reference policy) stay valid.
+  state_sh = _shard.state_shardings(comps.model_config, tx, mesh)
+  state = _shard.init_train_state(comps.params, tx, jax.random.fold_in(base_key, 1), state_sh)
+  ref_params = _shard.place(comps.params, state_sh.params) if cfg.loss.ref_kl_coef > 0 else None
+  n_proc, proc = jax.process_count(), jax.process_index()
 
   # Every file of the run resolves inside run_dir (a symlink out of it is refused).
   ckpt = _checkpoint.Checkpointer(_checkpoint.run_path(run_dir, "checkpoints"), keep=tr.keep_checkpoints)
@@ -146,32 +179,44 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       t0 = time.perf_counter()
       k = jax.random.fold_in(base_key, 1000 + step)  # per-step keys: resume reproduces them
       k_sample, k_eval = jax.random.split(k)
-      prompts, answers = next(comps.prompts)
+      local_prompts, answers = next(comps.prompts)
+      prompts = _shard.gather_prompts(local_prompts)  # this process's prompts -> all of them
+      # The sampler runs on the trainer's mesh and reads its (sharded) params.
       policy = Policy(comps.model_config, state.params)
       out = sampler.generate(policy, prompts, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                              top_p=ro.top_p, top_k=ro.top_k, eos_id=comps.eos_id,
-                             num_samples=ro.samples_per_prompt, key=k_sample)
-      toks, mask = jax.device_get((out.tokens, out.mask))
-      texts = _responses_text(toks, mask, comps.decode)
+                             num_samples=ro.samples_per_prompt, key=k_sample, mesh=mesh)
+      toks, mask = _shard.host_array(out.tokens), _shard.host_array(out.mask)
+      # Each process grades the responses to its own prompts (it holds their answers).
+      n_local = len(local_prompts) * ro.samples_per_prompt
+      mine = slice(proc * n_local, (proc + 1) * n_local) if n_proc > 1 else slice(None)
+      texts = _responses_text(toks[mine], mask[mine], comps.decode)
       rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
       rewards, reward_counters = comps.reward(texts, rep_answers)
+      rewards = _shard.gather_rows(np.asarray(rewards, np.float32))
+      reward_counters = _shard.sum_counters(reward_counters)
       t_sample = time.perf_counter() - t0
 
       host_batch, stats = rollout.assemble(prompts, toks, mask, np.asarray(rewards), pad_id=comps.pad_id,
                                            samples_per_prompt=ro.samples_per_prompt, eos_id=comps.eos_id,
                                            scale_by_std=ro.scale_by_std, filter_groups=ro.filter_groups)
-      batch = rollout.to_device(host_batch)
-      old_lp, _ = logprob_fn(state.params, batch)
-      batch = batch._replace(old_log_prob=old_lp)
-      if ref_params is not None:
-        ref_lp, _ = logprob_fn(ref_params, batch)
-        batch = batch._replace(ref_log_prob=ref_lp)
-      cov = _COV_STATS(old_lp, batch.advantages, batch.response_mask)
+      # Each mini-batch goes onto the mesh on its own, rows split over the
+      # batch axes: no device ever holds the whole rollout, and slicing it
+      # moves nothing between devices.
+      minis = []
+      for j in range(tr.mini_batches):
+        mb = rollout.to_device(_slice_rows(host_batch, j * mb_rows, (j + 1) * mb_rows), rows_sharding)
+        old_lp, _ = logprob_fn(state.params, mb)
+        mb = mb._replace(old_log_prob=old_lp)
+        if ref_params is not None:
+          mb = mb._replace(ref_log_prob=logprob_fn(ref_params, mb)[0])
+        minis.append(mb)
+      cov = cov_fn([mb.old_log_prob for mb in minis], [mb.advantages for mb in minis],
+                   [mb.response_mask for mb in minis])
 
       step_metrics = []
       for _ in range(tr.ppo_epochs):
-        for j in range(tr.mini_batches):
-          mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
+        for mb in minis:
           state, m = step_fn(state, mb)
           step_metrics.append(m)
       # One device->host sync per RL step.
@@ -190,7 +235,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
 
       done = step + 1
       if comps.eval_set is not None and tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
-        ev = evaluate(Policy(comps.model_config, state.params), comps, cfg, key=k_eval)
+        ev = evaluate(Policy(comps.model_config, state.params), comps, cfg, key=k_eval, mesh=mesh)
         ev["step"] = done
         evals.append(ev)
         row.update(ev)

@@ -18,6 +18,7 @@ import optax
 
 from jaxent import losses, models, ops
 from jaxent.config import LossConfig, OptimConfig
+from jaxent.train import _shard
 from jaxent.types import Batch, TrainState
 
 
@@ -94,7 +95,21 @@ def response_logprobs(spec: StepSpec, params, batch: Batch):
 
 
 def _split_micro(tree, n: int):
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+  """``[B, ...] -> [n, B/n, ...]``, micro-batch ``i`` holding rows ``i, i+n, i+2n, ...``.
+
+  Strided rather than contiguous: with rows sharded over ``D`` devices (``D``
+  dividing ``B/n``), every micro-batch takes ``B/(nD)`` rows from each device,
+  so the split moves no data. The accumulated gradient does not depend on
+  which rows share a micro-batch (selection and normalisers are mini-batch
+  wide).
+  """
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1),
+                      tree)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+  """Inverse of ``_split_micro``: ``[n, B/n, ...] -> [B, ...]``."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
 def _select(lcfg: LossConfig, log_prob, batch: Batch, key):
@@ -160,7 +175,7 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
       lp, _ = response_logprobs(spec, state.params, mb)
       return None, lp
     _, lp_all = jax.lax.scan(fwd, None, _split_micro(batch, n_micro))
-    lp_all = lp_all.reshape(mask.shape)
+    lp_all = _merge_micro(lp_all)
     selection = _select(lcfg, lp_all, batch, sel_key)
 
   def micro_loss(params, mb, sel):
@@ -174,7 +189,12 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
     m["log_prob"] = jnp.where(mm > 0, lp, 0.0).sum() / n_tok
     return loss, m
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  def grad_fn(params, mb, sel):
+    # Gradients keep the parameters' layout (FSDP / tensor shards), also as
+    # the scan carry that accumulates them.
+    out, g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, sel)
+    return out, _shard.constrain_like_params(spec.model, g)
+
   if n_micro == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, selection)
   else:
@@ -187,7 +207,7 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
       (l, m), g = grad_fn(state.params, mb, sel)
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = _shard.constrain_like_params(spec.model, jax.tree.map(jnp.zeros_like, state.params))
     (grads, loss), ms = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, sel_micro))
     # Normalised by mini-batch counts, the micro-batch metrics add up to the
     # mini-batch values; the one per-selected-token mean is re-weighted.
@@ -207,11 +227,50 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
   return new_state, metrics
 
 
+def _in_mesh(fn, mesh):
+  """``fn`` traced under ``mesh`` (so ``constrain`` and the sharded top-k see it)."""
+  if mesh is None:
+    return fn
+  abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args)
+  return wrapped
+
+
+def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, mesh=None,
+                   in_shardings=None, out_shardings=None):
+  """``train_step(state, batch) -> (state, metrics)``, jitted, state donated.
+
+  With ``mesh`` (a ``Mesh``, or an ``AbstractMesh`` to lower ahead of time),
+  the state is laid out by ``_shard.state_shardings`` (params by logical axes,
+  optimizer state like its params, scalars replicated), the batch rows over
+  ``("data", "fsdp")``, the metrics replicated; ``in_shardings`` /
+  ``out_shardings`` override those. Cached per (spec, tx, mesh) when no
+  explicit shardings are given.
+  """
+  if in_shardings is None and out_shardings is None:
+    return _jit_train_step(spec, tx, mesh)
+  return _make_train_step(spec, tx, mesh, in_shardings, out_shardings)
+
+
+def step_shardings(spec: StepSpec, tx: optax.GradientTransformation, mesh):
+  """``(in_shardings, out_shardings)`` of the train step on ``mesh``."""
+  state = _shard.state_shardings(spec.model, tx, mesh)
+  return (state, _shard.batch_sharding(mesh)), (state, _shard.replicated(mesh))
+
+
 @functools.lru_cache(maxsize=32)
-def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, in_shardings=None,
-                   out_shardings=None):
-  """``train_step(state, batch) -> (state, metrics)``, jitted, state donated."""
-  fn = functools.partial(train_step_impl, spec, tx)
+def _jit_train_step(spec, tx, mesh):
+  if mesh is None:
+    return _make_train_step(spec, tx, None, None, None)
+  return _make_train_step(spec, tx, mesh, *step_shardings(spec, tx, mesh))
+
+
+def _make_train_step(spec, tx, mesh, in_shardings, out_shardings):
+  fn = _in_mesh(functools.partial(train_step_impl, spec, tx), mesh)
   kw = {}
   if in_shardings is not None:
     kw["in_shardings"] = in_shardings
@@ -221,14 +280,21 @@ def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, in_shard
 
 
 @functools.lru_cache(maxsize=32)
-def jit_logprobs(spec: StepSpec, micro_batches: int = 1):
-  """Jitted ``(params, batch) -> (log_prob, entropy)`` [B, R], in micro-batch chunks."""
+def jit_logprobs(spec: StepSpec, micro_batches: int = 1, mesh=None):
+  """Jitted ``(params, batch) -> (log_prob, entropy)`` [B, R], in micro-batch chunks.
+
+  With ``mesh``: params laid out as in the train step, batch rows and outputs
+  over ``("data", "fsdp")``.
+  """
   def fn(params, batch):
     if micro_batches == 1:
       return response_logprobs(spec, params, batch)
     def body(_, mb):
       return None, response_logprobs(spec, params, mb)
     _, (lp, ent) = jax.lax.scan(body, None, _split_micro(batch, micro_batches))
-    shape = batch.response_mask.shape
-    return lp.reshape(shape), ent.reshape(shape)
-  return jax.jit(fn)
+    return _merge_micro(lp), _merge_micro(ent)
+  if mesh is None:
+    return jax.jit(fn)
+  rows = _shard.batch_sharding(mesh)
+  return jax.jit(_in_mesh(fn, mesh), in_shardings=(_shard.param_shardings(spec.model, mesh), rows),
+                 out_shardings=rows)

@@ -1,0 +1,251 @@
+"""``jaxent train CONFIG --dry-run``: check a run before it is staged on a pod.
+
+Validates the config, builds the model abstractly (``model.path``: only its
+``config.json`` is read; no weights), resolves the mesh and checks the batch
+fits it, then lowers the jitted train step for the target mesh with abstract
+inputs (``jax.ShapeDtypeStruct`` carrying the shardings):
+
+* when the local devices can hold the mesh, it is compiled for them and XLA's
+  memory analysis is reported;
+* for a TPU topology by name (``--topology v5p:4x4x4``, needs libtpu) it is
+  compiled ahead of time for those devices;
+* otherwise (a 64-chip mesh on a laptop) it is lowered for an
+  ``AbstractMesh`` of the configured shape and ``--platform``, not compiled.
+
+Memory per device is also estimated analytically (parameters, Adam state,
+gradients, activations of one micro-batch, the rollout's KV cache), since the
+analysis of a lowered-only program does not exist. Nothing is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+
+from jaxent import models
+from jaxent.config import Config, ConfigError
+from jaxent.rollout import bucket_length
+from jaxent.sharding import AXES
+from jaxent.train import _shard
+from jaxent.train._build import SetupError
+from jaxent.train._step import StepSpec, jit_train_step, make_optimizer
+from jaxent.types import Batch, TrainState
+
+GB = 1e9
+
+
+@dataclasses.dataclass
+class DryRunReport:
+  num_params: int
+  mesh_shape: tuple[int, int, int]
+  mode: str                        # "compiled" | "compiled-topology" | "lowered"
+  platform: str
+  per_device: dict[str, float]     # estimated bytes per device
+  compiled: dict[str, int] | None  # XLA memory analysis (bytes per device) when compiled
+  notes: list[str]
+
+
+def model_config(cfg: Config):
+  """The ``ModelConfig`` of the run, without weights (``config.json`` only for ``model.path``)."""
+  mc = cfg.model
+  if mc.path is not None:
+    try:
+      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype, remat=mc.remat)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise SetupError(f"model.path: cannot read the model config in {mc.path}: {e}") from e
+  if cfg.data.task != "arithmetic":
+    raise SetupError("model.arch builds a random model without a tokenizer; use it with "
+                     "data.task=arithmetic, or give model.path")
+  from jaxent.data import arithmetic
+  arch = dict(mc.arch or {})
+  arch.setdefault("vocab_size", arithmetic.CharTokenizer().vocab_size)
+  arch.setdefault("dtype", mc.dtype)
+  arch.setdefault("param_dtype", mc.dtype)
+  arch.setdefault("remat", mc.remat)
+  try:
+    return models.ModelConfig(**arch)
+  except (TypeError, ValueError) as e:
+    raise SetupError(f"model.arch: {e}") from e
+
+
+def _bytes_per_device(struct, shardings, sizes: dict[str, int]) -> float:
+  total = 0.0
+  for s, sh in zip(jax.tree.leaves(struct), jax.tree.leaves(shardings)):
+    split = 1
+    for ax in sh.spec:
+      for a in (() if ax is None else ((ax,) if isinstance(ax, str) else ax)):
+        split *= sizes[a]
+    total += math.prod(s.shape) * np.dtype(s.dtype).itemsize / split
+  return total
+
+
+def _activation_bytes(mcfg, rows: int, seq: int, tensor: int) -> float:
+  """One micro-batch's rows on one device, forward + backward, rough.
+
+  Layer inputs kept for the backward pass (all layers with remat; without it,
+  every layer's intermediates), plus one layer's working set: attention
+  scores and probabilities ``[heads, T, T]`` (materialised) and their
+  gradients, and the q/k/v/MLP intermediates.
+  """
+  act = np.dtype(mcfg.dtype).itemsize
+  d, f, h = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads
+  kv, hd, layers = mcfg.num_kv_heads, mcfg.head_dim, mcfg.num_layers
+  heads_local = h / tensor
+  attn = 4 * heads_local * seq * seq * 4                      # scores, probs (f32) + their grads
+  inter = seq * act * (2 * (h + 2 * kv) * hd / tensor + 3 * f / tensor + 4 * d)
+  per_layer = attn + inter
+  inputs = layers * seq * d * act
+  keep = inputs + per_layer if mcfg.remat else layers * per_layer + inputs
+  return rows * keep
+
+
+def _abstract_state(mcfg, tx, shardings: TrainState) -> TrainState:
+  params = models.param_shapes(mcfg)
+  opt = jax.eval_shape(tx.init, params)
+  struct = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
+                      key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      struct, shardings)
+
+
+def _abstract_batch(rows: int, seq: int, resp: int, sharding) -> Batch:
+  def s(width, dt):
+    return jax.ShapeDtypeStruct((rows, width), dt, sharding=sharding)
+  return Batch(tokens=s(seq, jnp.int32), positions=s(seq, jnp.int32),
+               attention_mask=s(seq, jnp.int32), response_mask=s(resp, jnp.float32),
+               advantages=s(resp, jnp.float32), old_log_prob=s(resp, jnp.float32),
+               ref_log_prob=s(resp, jnp.float32))
+
+
+def _topology_devices(name: str, platform: str | None):
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(name, platform=platform or "tpu").devices)
+
+
+def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = None,
+            log: Callable[[str], None] = print) -> DryRunReport:
+  """Checks ``cfg`` against its target mesh and reports parameters and memory per device.
+
+  Args:
+    cfg: the validated run config.
+    topology: the target's device count (``"64"``), or a TPU topology name
+      for ``jax.experimental.topologies`` (``"v5p:4x4x4"``, needs libtpu) to
+      compile for; default: the local devices when the mesh fits them, else
+      the configured mesh shape.
+    platform: the platform to lower for when compiling is not possible
+      (default ``"tpu"``).
+
+  Raises:
+    ConfigError: the mesh does not fit the devices or the batch the mesh.
+    SetupError: the model config cannot be read.
+  """
+  t0 = time.perf_counter()
+  notes: list[str] = []
+  mcfg = model_config(cfg)
+  n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(models.param_shapes(mcfg)))
+
+  for key in ("train_path", "eval_path"):
+    p = getattr(cfg.data, key)
+    if cfg.data.task == "jsonl" and p is not None and not os.path.exists(p):
+      notes.append(f"data.{key} {p} does not exist here (stage it before the run)")
+
+  topo_devices = None
+  n_target = None
+  if topology is not None:
+    if topology.isdigit():
+      n_target = int(topology)
+    else:
+      try:
+        topo_devices = _topology_devices(topology, platform)
+        n_target = len(topo_devices)
+      except Exception as e:  # noqa: BLE001 - no libtpu, unknown name, ...: say why, go on
+        raise ConfigError(f"--topology {topology}: cannot describe it here ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); give a device count instead, "
+                          "e.g. --topology 64") from None
+  n_local = jax.device_count()
+  if n_target is None:
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    n_target = math.prod(sizes) if -1 not in sizes else n_local
+  plan = _shard.plan_mesh(cfg, n_target, model_config=mcfg)
+  if plan.note:
+    notes.append(plan.note)
+
+  tr, ro = cfg.train, cfg.rollout
+  rows = ro.prompts_per_step * ro.samples_per_prompt
+  mb_rows = rows // tr.mini_batches
+  micro = mb_rows // tr.micro_batches
+  p_len = bucket_length(cfg.data.max_prompt_len)
+  seq = p_len + ro.max_new_tokens
+  tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
+  spec = StepSpec(model=mcfg, loss=cfg.loss, micro_batches=tr.micro_batches, temperature=ro.temperature)
+
+  if topo_devices is not None:
+    mesh = _shard.make_train_mesh(plan, topo_devices)
+    mode, plat = "compiled-topology", topo_devices[0].platform
+  elif plan.size <= n_local and n_local % plan.size == 0:
+    mesh = _shard.make_train_mesh(plan)
+    mode, plat = "compiled", jax.devices()[0].platform
+  else:
+    mesh = AbstractMesh(plan.shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    mode, plat = "lowered", platform or "tpu"
+    notes.append(f"the mesh needs {plan.size} devices and this machine has {n_local}: the train "
+                 f"step is lowered for {plat}, not compiled")
+
+  sh = _shard.state_shardings(mcfg, tx, mesh)
+  state = _abstract_state(mcfg, tx, sh)
+  batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, _shard.batch_sharding(mesh))
+  step = jit_train_step(spec, tx, mesh=mesh)
+  compiled_stats = None
+  if mode == "lowered":
+    step.trace(state, batch).lower(lowering_platforms=(plat,))
+  else:
+    compiled = step.lower(state, batch).compile()
+    ma = compiled.memory_analysis()
+    if ma is not None:
+      compiled_stats = {k: int(getattr(ma, f"{k}_size_in_bytes"))
+                        for k in ("argument", "output", "alias", "temp", "generated_code")}
+
+  sizes = dict(zip(AXES, plan.shape))
+  params_b = _bytes_per_device(state.params, sh.params, sizes)
+  opt_b = _bytes_per_device(state.opt_state, sh.opt_state, sizes)
+  kv_heads = mcfg.num_kv_heads / (plan.shape[2] if mcfg.num_kv_heads % plan.shape[2] == 0 else 1)
+  kv_b = (rows / plan.batch_shards * (p_len + ro.max_new_tokens) * 2 * mcfg.num_layers * kv_heads
+          * mcfg.head_dim * np.dtype(mcfg.dtype).itemsize)
+  per_device = {
+      "params": params_b, "optimizer": opt_b, "gradients": params_b,
+      "activations": _activation_bytes(mcfg, micro / plan.batch_shards, seq, plan.shape[2]),
+      "rollout_kv_cache": kv_b,
+  }
+  per_device["train_total"] = params_b + opt_b + params_b + per_device["activations"]
+
+  src = cfg.model.path or "model.arch"
+  d, f, t = plan.shape
+  log(f"jaxent train --dry-run: {cfg.name}")
+  log(f"  model     {mcfg.model_type} ({src}): {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
+      f"{mcfg.num_heads} heads / {mcfg.num_kv_heads} KV heads, vocab {mcfg.vocab_size}, "
+      f"{np.dtype(mcfg.param_dtype).name}{', remat' if mcfg.remat else ''}")
+  log(f"  params    {n_params:,} ({n_params / 1e9:.2f} B)")
+  log(f"  mesh      {plan.describe()}")
+  log(f"  batch     {rows} rows per step = {tr.mini_batches} mini-batches of {mb_rows} = "
+      f"{tr.micro_batches} micro-batches of {micro} ({micro // plan.batch_shards} per device over "
+      f"data x fsdp = {d * f}); rows of {p_len} + {ro.max_new_tokens} = {seq} tokens")
+  what = {"compiled": f"compiled for {plan.size} local {plat} devices",
+          "compiled-topology": f"compiled ahead of time for {topology} ({plat})",
+          "lowered": f"lowered for an abstract {d}x{f}x{t} {plat} mesh (not compiled)"}[mode]
+  log(f"  step      {what} in {time.perf_counter() - t0:.1f} s")
+  log("  memory per device, estimated: " + ", ".join(
+      f"{k.replace('_', ' ')} {v / GB:.4g} GB" for k, v in per_device.items()))
+  if compiled_stats is not None:
+    log("  memory per device, XLA: " + ", ".join(
+        f"{k.replace('_', ' ')} {v / GB:.4g} GB" for k, v in compiled_stats.items()))
+  for n in notes:
+    log(f"  note      {n}")
+  return DryRunReport(num_params=n_params, mesh_shape=plan.shape, mode=mode, platform=plat,
+                      per_device=per_device, compiled=compiled_stats, notes=notes)

@@ -1,0 +1,145 @@
+"""``jaxent train CONFIG --dry-run``: abstract model and mesh, AOT lowering, memory per device.
+
+The paper's 7B and 32B recipes are checked against their Hugging Face
+config.json numbers (written here; no weights, no downloads): the parameter
+count equals the closed-form count of a Qwen2 decoder, the 64/256-chip meshes
+are lowered abstractly, the per-device state is 16 bytes per parameter over
+the FSDP devices. A tiny config compiles for real on the 8 CPU devices and
+XLA's argument size equals the sharded state plus the batch shard.
+"""
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxent import cli
+from jaxent import config as C
+from jaxent.train import _dryrun
+
+QWEN = {
+    # Qwen2.5-7B and Qwen2.5-32B config.json (the published values).
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "32b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+}
+RECIPES = {"7b": ("configs/paper/qwen2.5-7b-kl-cov.yaml", 64), "32b": ("configs/paper/qwen2.5-32b-clip-cov.yaml", 256)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hf_dir(tmp_path, size):
+  d = tmp_path / f"qwen2.5-{size}"
+  d.mkdir()
+  cfg = dict(QWEN[size], architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+             max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
+             use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+             bos_token_id=151643, eos_token_id=151643, torch_dtype="bfloat16")
+  (d / "config.json").write_text(json.dumps(cfg))
+  return str(d)
+
+
+def _qwen2_params(c) -> int:
+  """Closed form: embeddings + untied head + per layer (q/k/v with biases, o, SwiGLU, 2 norms) + final norm."""
+  v, d, f, n = c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+  hd = d // c["num_attention_heads"]
+  q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+  layer = d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * f + 2 * d
+  return v * d * (1 if c["tie_word_embeddings"] else 2) + n * layer + d
+
+
+def _params_bytes_per_chip(size, chips) -> float:
+  """float32 params split over the FSDP chips, except the biases and norm scales
+  (their dims are heads/head_dim and act_embed: replicated)."""
+  c = QWEN[size]
+  d, layers = c["hidden_size"], c["num_hidden_layers"]
+  kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
+  rep = layers * (d + 2 * kv + 2 * d) + d
+  return 4 * ((_qwen2_params(c) - rep) / chips + rep)
+
+
+@pytest.mark.parametrize("size", ["7b", "32b"])
+def test_paper_recipe_dry_run(size, tmp_path, monkeypatch, capsys):
+  recipe, chips = RECIPES[size]
+  hf = _hf_dir(tmp_path, size)
+  monkeypatch.chdir(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  assert cli.main(["train", os.path.join(ROOT, recipe), "--set", f"model.path={hf}", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path)) == before                # nothing written (no runs/)
+  n = _qwen2_params(QWEN[size])
+  assert f"params    {n:,} " in out
+  assert n == {"7b": 7_615_616_512, "32b": 32_763_876_352}[size]   # the model cards' 7.61B / 32.8B
+  assert f"data=1 x fsdp={chips} x tensor=1" in out
+  assert f"lowered for an abstract 1x{chips}x1 tpu mesh (not compiled)" in out
+  per_chip = _params_bytes_per_chip(size, chips)
+  est = {k: float(v) for k, v in re.findall(r"(params|optimizer|gradients) ([\d.e+-]+) GB", out)}
+  np.testing.assert_allclose(est["params"] * 1e9, per_chip, rtol=1e-3)
+  np.testing.assert_allclose(est["gradients"] * 1e9, per_chip, rtol=1e-3)
+  np.testing.assert_allclose(est["optimizer"] * 1e9, 2 * per_chip, rtol=1e-3)
+  assert "1 per device over data x fsdp" in out               # the recipes' one row per chip
+
+
+def test_tiny_config_compiles_on_the_cpu_mesh():
+  arch = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+          "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
+  cfg = C.from_dict({
+      "model": {"arch": arch}, "data": {"task": "arithmetic", "max_prompt_len": 12},
+      "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
+                  "reward": "arithmetic_exact"},
+      "loss": {"name": "kl_cov"}, "train": {"mini_batches": 2},
+      "mesh": {"data": 2, "fsdp": 2, "tensor": 2}})
+  lines = []
+  rep = _dryrun.dry_run(cfg, log=lines.append)
+  assert rep.mode == "compiled" and rep.platform == "cpu" and rep.mesh_shape == (2, 2, 2)
+  assert any("compiled for 8 local cpu devices" in l for l in lines)
+  # XLA's per-device arguments: the state's shards + the batch's shard (8 rows / 4, 12 + 4 tokens).
+  v, d, f, kv, hd, h = 15, 32, 64, 2, 8, 4
+  sharded = {"emb": v * d / 2, "q": d * h * hd / 4, "kv": 2 * d * kv * hd / 4, "o": h * hd * d / 4,
+             "mlp": 3 * d * f / 4, "qkv_b": (h + 2 * kv) * hd / 2}   # vocab 15: not split by tensor
+  replicated = 3 * d                                                 # two norms + final norm
+  params = 4 * (sum(sharded.values()) + replicated)
+  # step, key; apply_if_finite's two int32 counters and a bool; Adam's and the schedule's counts
+  scalars = 4 + 8 + (4 + 4 + 1) + (4 + 4)
+  batch = 2 * (3 * 16 * 4 + 4 * 4 * 4)                               # rows per device x (3 int + 4 float arrays)
+  # XLA does not count inputs the step never reads: the reference log-probs (no
+  # reference KL; 2 x 4 floats) and apply_if_finite's last_finite flag.
+  unread = 2 * 4 * 4 + 1
+  assert rep.compiled["argument"] == 3 * params + scalars + batch - unread
+  assert rep.num_params == v * d + (d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d
+                                    + 3 * d * f + 2 * d) + d
+
+
+def test_bad_dry_runs_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys):
+  hf = _hf_dir(tmp_path, "7b")
+  recipe = os.path.join(ROOT, RECIPES["7b"][0])
+  monkeypatch.chdir(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  cases = [
+      (["--set", "train.micro_batches=8"], "a micro-batch of 32 rows"),
+      (["--set", "mesh.tensor=3", "--set", "mesh.fsdp=4"], "mesh.tensor: 3 does not divide the model's 28"),
+      (["--set", "model.path=/nonexistent"], "model.path"),
+      (["--set", "loss.rato=1"], "did you mean 'loss.ratio'"),
+      (["--topology", "v5p:4x4x4"], "--topology v5p:4x4x4: cannot describe it here"),
+  ]
+  for extra, msg in cases:
+    assert cli.main(["train", recipe, "--set", f"model.path={hf}", *extra, "--dry-run"]) == 2, extra
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_topology_as_a_device_count(tmp_path, capsys):
+  hf = _hf_dir(tmp_path, "7b")
+  recipe = os.path.join(ROOT, RECIPES["7b"][0])
+  # the GPU variant of the recipe, resolving fsdp=-1 for a 4-node job
+  assert cli.main(["train", recipe, "--set", f"model.path={hf}", "--set", "mesh.fsdp=-1",
+                   "--set", "train.micro_batches=8", "--topology", "32", "--platform", "cuda",
+                   "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "data=1 x fsdp=32 x tensor=1" in out and "abstract 1x32x1 cuda mesh" in out
+  assert math.isclose(float(re.search(r"params ([\d.]+) GB", out).group(1)) * 1e9,
+                      _params_bytes_per_chip("7b", 32), rel_tol=1e-3)
