@@ -14,7 +14,6 @@ import re
 
 import numpy as np
 import pytest
-import yaml
 
 from jaxent import cli
 from jaxent import config as C
@@ -27,7 +26,8 @@ QWEN = {
     "32b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                 num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
-RECIPES = {"7b": ("configs/paper/qwen2.5-7b-kl-cov.yaml", 64), "32b": ("configs/paper/qwen2.5-32b-clip-cov.yaml", 256)}
+RECIPES = {"7b": ("configs/paper/qwen2.5-7b-kl-cov.yaml", 64),
+           "32b": ("configs/paper/qwen2.5-32b-clip-cov.yaml", 256)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,7 +43,8 @@ def _hf_dir(tmp_path, size):
 
 
 def _qwen2_params(c) -> int:
-  """Closed form: embeddings + untied head + per layer (q/k/v with biases, o, SwiGLU, 2 norms) + final norm."""
+  """Closed form: embeddings + untied head + final norm + per layer: q/k/v with biases, o,
+  SwiGLU, two norms."""
   v, d, f, n = c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
   hd = d // c["num_attention_heads"]
   q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
@@ -104,7 +105,7 @@ def test_tiny_config_compiles_on_the_cpu_mesh():
   params = 4 * (sum(sharded.values()) + replicated)
   # step, key; apply_if_finite's two int32 counters and a bool; Adam's and the schedule's counts
   scalars = 4 + 8 + (4 + 4 + 1) + (4 + 4)
-  batch = 2 * (3 * 16 * 4 + 4 * 4 * 4)                               # rows per device x (3 int + 4 float arrays)
+  batch = 2 * (3 * 16 * 4 + 4 * 4 * 4)            # 2 rows per device x (3 int + 4 float arrays)
   # XLA does not count inputs the step never reads: the reference log-probs (no
   # reference KL; 2 x 4 floats) and apply_if_finite's last_finite flag.
   unread = 2 * 4 * 4 + 1

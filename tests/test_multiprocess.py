@@ -23,6 +23,7 @@ from jaxent import cli
 from jaxent import config as C
 from jaxent.train import _build, _distributed, _loop
 
+# Keep equal to tests/test_sharded_train.py's BASE (shared compiled programs in one session).
 ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
 BASE = {

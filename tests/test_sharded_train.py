@@ -125,6 +125,8 @@ def test_sharded_step_equals_single_device(shape, loss, micro):
 
 
 # ----------------------------------------------------------------------------- the loop
+# The same run as tests/test_multiprocess.py's BASE (keep them equal: in one
+# session the two tests then share their compiled programs).
 ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
         "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
 BASE = {
@@ -133,7 +135,7 @@ BASE = {
     "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 8},
     "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
                 "reward": "arithmetic_exact"},
-    "loss": {"name": "kl_cov", "ratio": 0.1},
+    "loss": {"name": "clip_cov", "ratio": 0.1, "cov_lb": -100.0, "cov_ub": 100.0},
     "optim": {"lr": 1e-3, "eps": 1e-3},
     "train": {"steps": 1, "mini_batches": 2, "micro_batches": 1, "progress": False},
 }
@@ -189,13 +191,15 @@ def test_plan_mesh_numbers_and_errors():
     _shard.plan_mesh(_cfg(mesh__data=8, train__micro_batches=2), 8)
   with pytest.raises(C.ConfigError, match=r"micro-batch of 4 rows"):  # several processes: no shrinking
     _shard.plan_mesh(_cfg(train__micro_batches=2), 8, process_count=2)
-  with pytest.raises(C.ConfigError, match=r"data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 .*3 does not divide 8"):
+  with pytest.raises(C.ConfigError,
+                     match=r"data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 .*3 does not divide 8"):
     _shard.plan_mesh(_cfg(mesh__data=3, train__micro_batches=1), 8)
   with pytest.raises(C.ConfigError, match=r"fixed axes use 3 devices, which does not divide the 8"):
     _shard.plan_mesh(_cfg(mesh__tensor=3), 8)
   with pytest.raises(C.ConfigError, match=r"mesh.tensor: 4 does not divide the model's 2 key/value"):
     _shard.plan_mesh(_cfg(mesh__data=2, mesh__tensor=4), 8, model_config=CFG)
-  assert _shard.plan_mesh(_cfg(mesh__data=1), 8).note == "mesh data=1 x fsdp=1 x tensor=1 uses the first 1 of 8 devices"
+  assert (_shard.plan_mesh(_cfg(mesh__data=1), 8).note
+          == "mesh data=1 x fsdp=1 x tensor=1 uses the first 1 of 8 devices")
 
 
 def test_train_rejects_a_batch_that_does_not_split_before_writing(tmp_path):

@@ -22,12 +22,12 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxent import models
 from jaxent.config import Config, ConfigError

@@ -193,7 +193,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       texts = _responses_text(toks[mine], mask[mine], comps.decode)
       rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
       rewards, reward_counters = comps.reward(texts, rep_answers)
-      rewards = _shard.gather_rows(np.asarray(rewards, np.float32))
+      rewards = _shard.gather_rows(np.asarray(rewards))
       reward_counters = _shard.sum_counters(reward_counters)
       t_sample = time.perf_counter() - t0
 
