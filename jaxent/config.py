@@ -163,7 +163,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-  data: int = -1                   # data-parallel axis (-1: all remaining devices)
+  # data-parallel axis; -1: the remaining devices (with one process it shrinks until the
+  # micro-batch divides data x fsdp, with a printed note; several processes use every device)
+  data: int = -1
   fsdp: int = 1                    # fully-sharded data-parallel axis
   tensor: int = 1                  # tensor-parallel axis
 
