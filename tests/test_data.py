@@ -90,13 +90,24 @@ def test_bad_sources_raise_data_error_naming_the_file(tmp_path):
     D.load_prompts(junk, TOK)
   with pytest.raises(D.DataError, match="no valid rows"):
     D.load_prompts([{"prompt": "", "answer": "1"}], TOK)
-  try:
-    import pyarrow  # noqa: F401
-  except ImportError:
-    pq = tmp_path / "d.parquet"
-    pq.write_bytes(b"PAR1")
-    with pytest.raises(D.DataError, match="pyarrow"):
-      D.load_prompts(str(pq), TOK)
+  bad_pq = tmp_path / "d.parquet"
+  bad_pq.write_bytes(b"PAR1")                 # not a Parquet file
+  with pytest.raises(D.DataError, match="d.parquet"):
+    D.load_prompts(str(bad_pq), TOK)
+
+
+def test_parquet_rows_equal_the_same_jsonl_rows(tmp_path):
+  pa = pytest.importorskip("pyarrow")        # a dependency of jaxent; skipped only if broken
+  import pyarrow.parquet as pq
+  rows = _records(5) + [{"prompt": "", "answer": "0$"}, {"prompt": "7+7=", "answer": 14}]
+  path = tmp_path / "d.parquet"
+  pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows],
+                           "answer": [str(r["answer"]) for r in rows]}), str(path))
+  from_pq = D.load_prompts(str(path), TOK)
+  from_jsonl = D.load_prompts(_write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows]), TOK)
+  assert [(e.prompt, e.answer, list(e.prompt_ids)) for e in from_pq.examples] == \
+      [(e.prompt, e.answer, list(e.prompt_ids)) for e in from_jsonl.examples]
+  assert from_pq.stats.empty == 1 and from_pq.stats.valid == 6
 
 
 def test_argument_errors_name_the_argument():
