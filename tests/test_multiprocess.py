@@ -22,21 +22,11 @@ import yaml
 from jaxent import cli
 from jaxent import config as C
 from jaxent.train import _build, _distributed, _loop
+from tests._tiny import loop_config
 
-# Keep equal to tests/test_sharded_train.py's BASE (shared compiled programs in one session).
-ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-        "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
-BASE = {
-    "name": "multi",
-    "model": {"arch": ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 8},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    "loss": {"name": "clip_cov", "ratio": 0.1, "cov_lb": -100.0, "cov_ub": 100.0},
-    "optim": {"lr": 1e-3, "eps": 1e-3},
-    "train": {"steps": 2, "mini_batches": 2, "micro_batches": 1, "ckpt_every": 1, "progress": False},
-    "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-}
+# The run of tests/test_sharded_train.py (shared compiled programs in one session).
+BASE = loop_config(name="multi", train={"steps": 2, "ckpt_every": 1},
+                   mesh={"data": 2, "fsdp": 2, "tensor": 2})
 TIMING = {"step_time_s", "sample_time_s", "tokens_per_s"}
 
 

@@ -22,6 +22,7 @@ from jaxent.sharding import make_mesh
 from jaxent.train import _build, _loop, _shard
 from jaxent.train import _step as S
 from jaxent.types import Batch
+from tests._tiny import loop_config, random_batch
 
 # vocab 24 and 4 heads / 2 KV heads: every axis of the (2,2,2) mesh shards something.
 CFG = models.ModelConfig(model_type="qwen2", vocab_size=24, hidden_size=32, num_layers=2, num_heads=4,
@@ -49,24 +50,7 @@ def _params():
 
 
 def _batch(seed=0) -> Batch:
-  rng = np.random.default_rng(seed)
-  plen = rng.integers(2, PL + 1, size=B)
-  rlen = rng.integers(1, R + 1, size=B)
-  rlen[3] = 0                                       # an empty response row
-  tokens = np.zeros((B, PL + R), np.int32)
-  attn = np.zeros((B, PL + R), np.int32)
-  pos = np.zeros((B, PL + R), np.int32)
-  mask = np.zeros((B, R), np.float32)
-  for i in range(B):
-    off = PL - plen[i]
-    tokens[i, off:PL + rlen[i]] = rng.integers(1, CFG.vocab_size, size=plen[i] + rlen[i])
-    attn[i, off:PL + rlen[i]] = 1
-    pos[i, off:] = np.arange(PL + R - off)
-    mask[i, :rlen[i]] = 1
-  adv = rng.normal(size=(B, 1)).astype(np.float32) * 2 * mask
-  old = (np.log(rng.uniform(0.02, 0.2, size=(B, R))) * mask).astype(np.float32)
-  return Batch(tokens=tokens, positions=pos, attention_mask=attn, response_mask=mask, advantages=adv,
-               old_log_prob=old, ref_log_prob=np.zeros((B, R), np.float32))
+  return random_batch(CFG.vocab_size, B, PL, R, seed)
 
 
 KEY = jax.random.PRNGKey(7)
@@ -125,20 +109,9 @@ def test_sharded_step_equals_single_device(shape, loss, micro):
 
 
 # ----------------------------------------------------------------------------- the loop
-# The same run as tests/test_multiprocess.py's BASE (keep them equal: in one
-# session the two tests then share their compiled programs).
-ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-        "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
-BASE = {
-    "name": "sharded",
-    "model": {"arch": ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 8},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    "loss": {"name": "clip_cov", "ratio": 0.1, "cov_lb": -100.0, "cov_ub": 100.0},
-    "optim": {"lr": 1e-3, "eps": 1e-3},
-    "train": {"steps": 1, "mini_batches": 2, "micro_batches": 1, "progress": False},
-}
+# The same run as tests/test_multiprocess.py (one definition: in one session the
+# two tests share their compiled programs).
+BASE = loop_config(name="sharded")
 
 
 def _train(tmp, name, mesh):

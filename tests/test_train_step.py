@@ -11,6 +11,7 @@ from jaxent import losses, models
 from jaxent.config import LossConfig, OptimConfig
 from jaxent.train import _step as S
 from jaxent.types import Batch
+from tests._tiny import random_batch
 
 CFG = models.ModelConfig(model_type="qwen2", vocab_size=17, hidden_size=32, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True)
@@ -23,25 +24,7 @@ def _params():
 
 
 def _batch(seed=0) -> Batch:
-  rng = np.random.default_rng(seed)
-  plen = rng.integers(2, P + 1, size=B)
-  rlen = rng.integers(1, R + 1, size=B)
-  rlen[3] = 0                                       # an empty response row
-  tokens = np.zeros((B, P + R), np.int32)
-  attn = np.zeros((B, P + R), np.int32)
-  pos = np.zeros((B, P + R), np.int32)
-  mask = np.zeros((B, R), np.float32)
-  for i in range(B):
-    off = P - plen[i]
-    tokens[i, off:P + rlen[i]] = rng.integers(1, CFG.vocab_size, size=plen[i] + rlen[i])
-    attn[i, off:P + rlen[i]] = 1
-    pos[i, off:] = np.arange(P + R - off)
-    mask[i, :rlen[i]] = 1
-  adv = rng.normal(size=(B, 1)).astype(np.float32) * 2 * mask
-  old = (np.log(rng.uniform(0.02, 0.2, size=(B, R))) * mask).astype(np.float32)
-  return Batch(tokens=jnp.asarray(tokens), positions=jnp.asarray(pos), attention_mask=jnp.asarray(attn),
-               response_mask=jnp.asarray(mask), advantages=jnp.asarray(adv),
-               old_log_prob=jnp.asarray(old), ref_log_prob=jnp.zeros((B, R)))
+  return jax.tree.map(jnp.asarray, random_batch(CFG.vocab_size, B, P, R, seed))
 
 
 SGD = optax.sgd(1.0)   # lr 1, no momentum: the parameter change is the gradient

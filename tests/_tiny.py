@@ -1,0 +1,58 @@
+"""Tiny models, batches and loop configs shared by the trainer tests.
+
+One definition, so tests that should compile the same programs (and share the
+session's compilation cache) cannot drift apart.
+"""
+import copy
+
+import numpy as np
+
+from jaxent.types import Batch
+
+# A 1-layer Qwen2 for loop tests on the generated arithmetic task.
+TINY_ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+             "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
+LOOP_BASE = {
+    "name": "tiny",
+    "model": {"arch": TINY_ARCH},
+    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 8},
+    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
+                "reward": "arithmetic_exact"},
+    "loss": {"name": "clip_cov", "ratio": 0.1, "cov_lb": -100.0, "cov_ub": 100.0},
+    "optim": {"lr": 1e-3, "eps": 1e-3},
+    "train": {"steps": 1, "mini_batches": 2, "micro_batches": 1, "progress": False},
+}
+
+
+def loop_config(**sections) -> dict:
+  """``LOOP_BASE`` with some sections updated (a deep copy): loop_config(train={"steps": 2})."""
+  out = copy.deepcopy(LOOP_BASE)
+  for name, value in sections.items():
+    if isinstance(value, dict):
+      out.setdefault(name, {}).update(value)
+    else:
+      out[name] = value
+  return out
+
+
+def random_batch(vocab_size: int, b: int, p: int, r: int, seed: int = 0) -> Batch:
+  """A ragged NumPy Batch: left-padded prompts of 2..p tokens, responses of 1..r tokens,
+  row 3 an empty response; advantages one per row, old log-probs in log(0.02..0.2)."""
+  rng = np.random.default_rng(seed)
+  plen = rng.integers(2, p + 1, size=b)
+  rlen = rng.integers(1, r + 1, size=b)
+  rlen[3] = 0                                       # an empty response row
+  tokens = np.zeros((b, p + r), np.int32)
+  attn = np.zeros((b, p + r), np.int32)
+  pos = np.zeros((b, p + r), np.int32)
+  mask = np.zeros((b, r), np.float32)
+  for i in range(b):
+    off = p - plen[i]
+    tokens[i, off:p + rlen[i]] = rng.integers(1, vocab_size, size=plen[i] + rlen[i])
+    attn[i, off:p + rlen[i]] = 1
+    pos[i, off:] = np.arange(p + r - off)
+    mask[i, :rlen[i]] = 1
+  adv = rng.normal(size=(b, 1)).astype(np.float32) * 2 * mask
+  old = (np.log(rng.uniform(0.02, 0.2, size=(b, r))) * mask).astype(np.float32)
+  return Batch(tokens=tokens, positions=pos, attention_mask=attn, response_mask=mask, advantages=adv,
+               old_log_prob=old, ref_log_prob=np.zeros((b, r), np.float32))
