@@ -95,8 +95,8 @@ def _sft_batches(task, tok, n: int, seed: int, noise: float = 0.0):
   return batch
 
 
-def warm_start(cfg: config_lib.Config, params, settings: DemoSettings, *, log=print,
-               chunk: int = 50):
+def warm_start(cfg: config_lib.Config, model_config, params, settings: DemoSettings, *,
+               log=print, chunk: int = 50):
   """Supervised warm start on the task; returns (params, final nll/token).
 
   All batches are generated up front and ``chunk`` steps run per jitted
@@ -105,7 +105,7 @@ def warm_start(cfg: config_lib.Config, params, settings: DemoSettings, *, log=pr
   from jaxent.data.arithmetic import ArithmeticTask, CharTokenizer
   tok = CharTokenizer()
   task = ArithmeticTask(num_operands=cfg.data.num_operands, num_digits=cfg.data.num_digits)
-  spec = StepSpec(model=_model_config(cfg, tok), loss=cfg.loss)
+  spec = StepSpec(model=model_config, loss=cfg.loss)
   sched = optax.warmup_cosine_decay_schedule(0.0, settings.sft_lr, min(50, settings.sft_steps // 5 + 1),
                                              settings.sft_steps, end_value=0.1 * settings.sft_lr)
   tx = optax.adam(sched)
@@ -136,12 +136,6 @@ def warm_start(cfg: config_lib.Config, params, settings: DemoSettings, *, log=pr
   return params, loss
 
 
-def _model_config(cfg, tok):
-  from jaxent.train._build import load_policy
-  model, _ = load_policy(cfg)
-  return model.config
-
-
 def _final_eval(evals: list[dict], k: int = 3) -> float:
   acc = [e["eval_accuracy"] for e in evals]
   return float(np.mean(acc[-k:])) if acc else float("nan")
@@ -162,7 +156,7 @@ def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None
   cfg0 = config_lib.from_dict(base, METHODS["grpo"])
   comps0 = build_components(cfg0, os.path.join(out_dir, "warmup"))
   log(f"jaxent demo: warm start ({s.sft_steps} supervised steps) ...")
-  params0, nll = warm_start(cfg0, comps0.params, s, log=log)
+  params0, nll = warm_start(cfg0, comps0.model_config, comps0.params, s, log=log)
 
   runs: dict[str, list[dict]] = {}
   for method in s.methods:
@@ -186,7 +180,6 @@ def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None
 
   summary: dict[str, Any] = {"settings": dataclasses.asdict(s), "warm_start_nll": nll, "methods": {}}
   for method, rs in runs.items():
-    ent_all = np.concatenate([[e["step"] for e in r["evals"]] for r in rs]) if rs[0]["evals"] else []
     # entropy-performance law on (training entropy at eval step, held-out accuracy), pooled over seeds
     xs, ys = [], []
     for r in rs:
@@ -199,7 +192,6 @@ def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None
       law = {"a": float(fit.a), "b": float(fit.b), "r2": float(fit.r2), "ceiling": float(fit.ceiling)}
     except ValueError as e:
       law = {"error": str(e)}
-    del ent_all
     summary["methods"][method] = {
         "initial_entropy": float(np.mean([r["initial_entropy"] for r in rs])),
         "final_entropy": float(np.mean([r["final_entropy"] for r in rs])),
