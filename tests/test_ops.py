@@ -87,6 +87,20 @@ def _all_modes(x, mask, num_tokens, num_seqs, max_len, with_norm=True):
   return out
 
 
+@pytest.mark.parametrize("axis,keepdims", [(None, False), (-1, False), (1, True), (0, False),
+                                           ((0, 2), False), ((0, 1, 2), True)])
+def test_count_valid_equals_numpy_count(axis, keepdims):
+  rng = np.random.default_rng(0)
+  m = rng.random((3, 5, 7)) < 0.6
+  got = jax.jit(functools.partial(ops.count_valid, axis=axis, keepdims=keepdims))(m)
+  want = np.sum(m, axis=axis, keepdims=keepdims)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # A float mask counts its nonzero entries (nonzero = valid), as the losses do.
+  w = np.where(m, rng.uniform(0.1, 2.0, m.shape), 0.0).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(ops.count_valid(w, axis=axis, keepdims=keepdims)), want)
+
+
 def test_aggregate_modes_match_numpy_and_hand_case():
   # Hand case: rows [1, 2, (3)], [4, (5), (6)], all masked; T = 3.
   x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], np.float32)

@@ -84,7 +84,7 @@ def token_covariance(log_prob: jax.Array, advantages: jax.Array, mask: jax.Array
 def _covariance_and_count(log_prob, advantages, valid):
   """``token_covariance`` and the number of valid tokens (int32 scalar).
 
-  The count is the same ``jnp.sum(valid)`` the losses' aggregation uses, so
+  The count is the same ``ops.count_valid(valid)`` the losses' aggregation uses, so
   under one ``jit`` it is computed once. (One variadic reduction for
   ``Σ A``, ``Σ log π`` and ``N`` was measured slower in the losses: XLA:CPU
   runs it unvectorised, while the masked arrays the separate sums write out
@@ -92,7 +92,7 @@ def _covariance_and_count(log_prob, advantages, valid):
   """
   lp = jnp.where(valid, upcast(lax.stop_gradient(log_prob)), 0)
   a = jnp.where(valid, lax.stop_gradient(upcast(advantages)).astype(lp.dtype), 0)
-  n_valid = jnp.sum(valid)
+  n_valid = ops.count_valid(valid)
   n = jnp.maximum(n_valid, 1).astype(lp.dtype)
   cov = jnp.where(valid, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0)
   return cov, n_valid
@@ -238,11 +238,13 @@ def _fmix32(x: jax.Array) -> jax.Array:
 def token_uniforms(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   """One pseudo-random float32 per token of a ``[B, T]`` batch, for ranking.
 
-  ``h_i = fmix32(fmix32(i·φ + s_0) ⊕ s_1)`` with ``i`` the global row-major
+  ``h_i = fmix32((i ⊕ s_1)·φ + s_0)`` with ``i`` the global row-major
   index, ``φ = 0x9E3779B9`` and two 32-bit seeds ``s_0, s_1`` drawn from
-  ``key`` (threefry, two words). Per token that is a dozen integer ops, about
-  a tenth of threefry-drawing a uniform per token (the cost that dominated
-  Clip-Cov), and a pure function of ``(key, i)``: the same on one device or
+  ``key`` (threefry, two words). Per token that is eight integer ops, about
+  a twentieth of threefry-drawing a uniform per token (the cost that dominated
+  Clip-Cov); one finaliser round suffices, as fmix32 avalanches fully (the
+  subset-uniformity tests over keys check it). It is a pure function of
+  ``(key, i)``: the same on one device or
   any mesh, however the batch is sharded. For fixed seeds ``h`` is a
   bijection of ``i`` (every step is), so distinct tokens get distinct 32-bit
   hashes. The top 30 bits are mapped, order-preserving, to the finite floats
@@ -258,5 +260,5 @@ def token_uniforms(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   rows = lax.broadcasted_iota(jnp.uint32, shape, 0)
   cols = lax.broadcasted_iota(jnp.uint32, shape, 1)
   i = rows * jnp.uint32(shape[1]) + cols                     # wraps mod 2^32 past 4G tokens
-  h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
+  h = _fmix32((i ^ seeds[1]) * jnp.uint32(0x9E3779B9) + seeds[0])
   return lax.bitcast_convert_type((h >> 2) + jnp.uint32(0x3F800000), jnp.float32)

@@ -47,7 +47,7 @@ def _prepare(log_prob, old_log_prob, advantages, mask):
 
 def _token_frac(x, valid, num_tokens):
   """``Σ x·M / N`` with ``N = num_tokens`` (or the local valid count)."""
-  n = jnp.sum(valid) if num_tokens is None else num_tokens
+  n = ops.count_valid(valid) if num_tokens is None else num_tokens
   return _safe_div(jnp.sum(jnp.where(valid, x, 0).astype(jnp.float32)), n)
 
 
@@ -227,8 +227,13 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
   # on-policy token.
   diff = lp - old
   penalty = jnp.where(selection, kl_coef * (diff * jnp.sign(diff)), 0)
-  pg_loss = _agg(pg, valid, agg, num_tokens, num_seqs, max_len)
+  # One aggregation for the loss (every mode is linear in the per-token
+  # values); the split into its two parts is a metric, computed from the
+  # penalty alone (pg_loss = loss - kl_penalty), so a caller that only
+  # differentiates the loss pays for one reduction, not two.
+  loss = _agg(pg + penalty, valid, agg, num_tokens, num_seqs, max_len)
   pen_loss = _agg(penalty, valid, agg, num_tokens, num_seqs, max_len)
+  pg_loss = loss - pen_loss
   metrics = {
       "clipfrac": jnp.zeros((), jnp.float32),
       "approx_kl": _token_frac(-d, valid, num_tokens),
@@ -237,4 +242,4 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
       "pg_loss": pg_loss,
       "kl_penalty": pen_loss,
   }
-  return pg_loss + pen_loss, metrics
+  return loss, metrics
