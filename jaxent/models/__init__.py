@@ -9,6 +9,8 @@ from jaxent.models._hf import (
     hf_state_dict,
     load_config,
     load_tokenizer,
+    param_shardings,
+    param_specs,
     save_pretrained,
 )
 from jaxent.models._layers import apply_rope, rope_inv_freq
@@ -44,6 +46,8 @@ __all__ = [
     "load_tokenizer",
     "param_logical_axes",
     "param_shapes",
+    "param_shardings",
+    "param_specs",
     "rope_inv_freq",
     "save_pretrained",
 ]

@@ -20,65 +20,107 @@ No RoPE permutation is needed: HF's q/k weights are already laid out for its
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
+import math
 import os
-from typing import Callable
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
 
+from jaxent import sharding as sharding_lib
 from jaxent.models._config import SUPPORTED_MODEL_TYPES, ModelConfig
-from jaxent.models._model import Model, param_shapes
+from jaxent.models._model import Model, param_logical_axes, param_shapes
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some exporters write that carry no parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _layer_map(cfg: ModelConfig):
-  """``(our name, HF name template, to_ours, to_hf)`` for the per-layer tensors."""
-  d, h, k, n = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+@dataclasses.dataclass(frozen=True)
+class _Conv:
+  """An HF tensor <-> one of our (per-layer) leaves, as a split reshape + transpose.
 
-  def lin_in(heads):  # [heads*N, D] <-> [D, heads, N]
-    return (lambda w: w.reshape(heads, n, d).transpose(2, 0, 1),
-            lambda w: w.transpose(1, 2, 0).reshape(heads * n, d))
+  Each HF dimension ``i`` is split (row-major) into the dimensions
+  ``groups[i]`` (a view, no data movement); ours is that view transposed by
+  ``perm``: ``ours = hf.reshape(view).transpose(perm)``. Because the reshape
+  only splits dimensions, a box of ours is a box of the view, which is a few
+  contiguous row ranges of the HF tensor: a slice of ours is read as slices.
+  """
+  groups: tuple[tuple[int, ...], ...]
+  perm: tuple[int, ...]
 
-  def bias(heads):
-    return (lambda b: b.reshape(heads, n), lambda b: b.reshape(heads * n))
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    return tuple(math.prod(g) for g in self.groups)
 
-  ident = (lambda w: w, lambda w: w)
-  tr = (lambda w: w.T, lambda w: w.T)
+  @property
+  def view(self) -> tuple[int, ...]:
+    return tuple(s for g in self.groups for s in g)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Our (per-layer) shape."""
+    return tuple(self.view[p] for p in self.perm)
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return w.reshape(self.view).transpose(self.perm)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
+
+
+def _ident(*shape) -> _Conv:
+  return _Conv(tuple((s,) for s in shape), tuple(range(len(shape))))
+
+
+def _layer_map(cfg: ModelConfig) -> list[tuple[str, str, _Conv]]:
+  """``(our name under layers/, HF name template, conversion)`` of the per-layer tensors."""
+  d, h, k, n, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                   cfg.intermediate_size)
+
+  def lin_in(heads):  # [heads*N, D] -> [D, heads, N]
+    return _Conv(((heads, n), (d,)), (2, 0, 1))
+
+  def bias(heads):  # [heads*N] -> [heads, N]
+    return _Conv(((heads, n),), (0, 1))
+
+  def tr(o, i):  # [out, in] -> [in, out]
+    return _Conv(((o,), (i,)), (1, 0))
+
   a = "model.layers.{i}.self_attn."
-  m = [("attn_norm/scale", "model.layers.{i}.input_layernorm.weight", *ident),
-       ("q_kernel", a + "q_proj.weight", *lin_in(h)),
-       ("k_kernel", a + "k_proj.weight", *lin_in(k)),
-       ("v_kernel", a + "v_proj.weight", *lin_in(k)),
-       ("o_kernel", a + "o_proj.weight",
-        lambda w: w.reshape(d, h, n).transpose(1, 2, 0),
-        lambda w: w.transpose(2, 0, 1).reshape(d, h * n)),
-       ("mlp_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", *ident),
-       ("gate_kernel", "model.layers.{i}.mlp.gate_proj.weight", *tr),
-       ("up_kernel", "model.layers.{i}.mlp.up_proj.weight", *tr),
-       ("down_kernel", "model.layers.{i}.mlp.down_proj.weight", *tr)]
+  m = [("attn_norm/scale", "model.layers.{i}.input_layernorm.weight", _ident(d)),
+       ("q_kernel", a + "q_proj.weight", lin_in(h)),
+       ("k_kernel", a + "k_proj.weight", lin_in(k)),
+       ("v_kernel", a + "v_proj.weight", lin_in(k)),
+       # [D, H*N] -> [H, N, D]
+       ("o_kernel", a + "o_proj.weight", _Conv(((d,), (h, n)), (1, 2, 0))),
+       ("mlp_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", _ident(d)),
+       ("gate_kernel", "model.layers.{i}.mlp.gate_proj.weight", tr(f, d)),
+       ("up_kernel", "model.layers.{i}.mlp.up_proj.weight", tr(f, d)),
+       ("down_kernel", "model.layers.{i}.mlp.down_proj.weight", tr(d, f))]
   if cfg.qkv_bias:
-    m += [("q_bias", a + "q_proj.bias", *bias(h)), ("k_bias", a + "k_proj.bias", *bias(k)),
-          ("v_bias", a + "v_proj.bias", *bias(k))]
+    m += [("q_bias", a + "q_proj.bias", bias(h)), ("k_bias", a + "k_proj.bias", bias(k)),
+          ("v_bias", a + "v_proj.bias", bias(k))]
   if cfg.o_bias:
-    m += [("o_bias", a + "o_proj.bias", *ident)]
+    m += [("o_bias", a + "o_proj.bias", _ident(d))]
   if cfg.qk_norm:
-    m += [("q_norm/scale", a + "q_norm.weight", *ident),
-          ("k_norm/scale", a + "k_norm.weight", *ident)]
+    m += [("q_norm/scale", a + "q_norm.weight", _ident(n)),
+          ("k_norm/scale", a + "k_norm.weight", _ident(n))]
   return m
 
 
-def _global_map(cfg: ModelConfig):
-  tr = (lambda w: w.T, lambda w: w.T)
-  ident = (lambda w: w, lambda w: w)
-  m = [("embed/embedding", "model.embed_tokens.weight", *ident),
-       ("final_norm/scale", "model.norm.weight", *ident)]
+def _global_map(cfg: ModelConfig) -> list[tuple[str, str, _Conv]]:
+  v, d = cfg.vocab_size, cfg.hidden_size
+  m = [("embed/embedding", "model.embed_tokens.weight", _ident(v, d)),
+       ("final_norm/scale", "model.norm.weight", _ident(d))]
   if not cfg.tie_word_embeddings:
-    m.append(("lm_head/kernel", "lm_head.weight", *tr))
+    m.append(("lm_head/kernel", "lm_head.weight", _Conv(((v,), (d,)), (1, 0))))
   return m
 
 
@@ -93,6 +135,40 @@ def _set(tree, path, value):
   for p in head:
     tree = tree.setdefault(p, {})
   tree[last] = value
+
+
+# ----------------------------------------------------------------------------- layout
+def fit_spec(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> P:
+  """Drops mesh axes (absent or) not dividing their dimension: that dimension is replicated."""
+  out = []
+  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if ax is None else ((ax,) if isinstance(ax, str) else tuple(ax))
+    names = tuple(a for a in names if a in sizes)
+    k = math.prod(sizes[a] for a in names)
+    out.append(None if not names or dim % k else (names[0] if len(names) == 1 else names))
+  return P(*out)
+
+
+def _is_axes(a) -> bool:
+  return isinstance(a, tuple) and all(isinstance(s, str) for s in a)
+
+
+def param_specs(cfg: ModelConfig, mesh) -> Any:
+  """``PartitionSpec`` of every parameter on ``mesh`` (a pytree like the params).
+
+  ``param_logical_axes`` through ``jaxent.sharding.LOGICAL_RULES``, with mesh
+  axes that do not divide a dimension dropped (that dimension is replicated).
+  ``mesh`` may be a ``Mesh`` or an ``AbstractMesh``.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return jax.tree.map(lambda ax, s: fit_spec(s.shape, sharding_lib.logical_to_spec(ax), sizes),
+                      param_logical_axes(cfg), param_shapes(cfg), is_leaf=_is_axes)
+
+
+def param_shardings(cfg: ModelConfig, mesh) -> Any:
+  """``NamedSharding`` of every parameter on ``mesh`` (the trainer's and sampler's layout)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 # ----------------------------------------------------------------------------- import
@@ -149,77 +225,155 @@ def load_config(path, **overrides) -> ModelConfig:
   return ModelConfig.from_hf(hf, **overrides)
 
 
-def from_pretrained(path, dtype="float32", *, param_dtype=None, remat: bool = False) -> Model:
-  """Load a local HF checkpoint directory (``config.json`` + safetensors).
+def _read_slice(handle, name: str, box: Sequence[tuple[int, int]]) -> np.ndarray:
+  """``handle``'s tensor ``name`` at ``[start:stop, ...]`` per dimension: only those bytes
+  are read (safetensors memory-maps the file and copies the box out)."""
+  return handle.get_slice(name)[tuple(slice(a, b) for a, b in box)]
 
-  Args:
-    path: directory with ``config.json`` and ``model.safetensors`` or a
-      sharded ``model.safetensors.index.json``.
-    dtype: compute dtype ("float32" | "bfloat16"); parameters are stored in
-      ``param_dtype`` (default: ``dtype``).
-    remat: rematerialize each layer in the backward pass.
 
-  Raises:
-    FileNotFoundError naming a missing file; ValueError for an unsupported
-    ``model_type``, pickle-only checkpoints, a tensor whose shape disagrees
-    with the config (named), and missing or unexpected tensors (named).
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """One of our parameters and the HF tensors it is read from (one per layer if stacked)."""
+  ours: str                    # "layers/q_kernel"
+  hf_names: tuple[str, ...]    # one name, or one per layer
+  conv: _Conv
+  stacked: bool                # leading layer axis over hf_names
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return ((len(self.hf_names),) if self.stacked else ()) + self.conv.shape
+
+
+def _runs(sizes: Sequence[int], box: Sequence[tuple[int, int]]):
+  """Contiguous row ranges of a dimension split into ``sizes`` that cover ``box`` (a range
+  per split dimension), as ``(start, stop, outer index)`` in row-major order.
+
+  Dimensions after the last partial one are whole, so each run covers them whole.
   """
-  from safetensors import safe_open  # host-only
+  q = max((j for j, (a, b) in enumerate(box) if (a, b) != (0, sizes[j])), default=0)
+  inner = math.prod(sizes[q + 1:])
+  for outer in itertools.product(*(range(a, b) for a, b in box[:q])):
+    flat = 0
+    for j, o in enumerate(outer):
+      flat = flat * sizes[j] + o
+    start = (flat * sizes[q] + box[q][0]) * inner
+    yield start, start + (box[q][1] - box[q][0]) * inner, outer
 
-  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
-  files = _weight_files(os.fspath(path))
-  pdt = cfg.param_dtype
-  tensors: dict[str, np.ndarray] = {}
-  sources: dict[str, str] = {}
-  for fname in files:
-    with safe_open(fname, framework="numpy") as f:
-      for key in f.keys():
-        if key in tensors:
-          raise ValueError(f"tensor {key!r} appears in both {sources[key]} and {fname}")
-        tensors[key] = f.get_tensor(key)
-        sources[key] = fname
 
-  expected = param_shapes(cfg)
+def _read_into(out: np.ndarray, handle, name: str, conv: _Conv, box) -> None:
+  """Fills ``out`` (our layout, shape of ``box``) with ``box`` of ours from HF tensor ``name``.
+
+  ``out.transpose(inv perm)`` is a view of ``out`` in the split-HF layout; each
+  HF read (a product of row runs, usually one) is written into it in place,
+  with the dtype cast, so no whole tensor and no second copy exists on the host.
+  """
+  vbox = [None] * len(box)
+  for j, p in enumerate(conv.perm):
+    vbox[p] = box[j]
+  vout = out.transpose(np.argsort(conv.perm))
+  per_dim = [list(_runs(g, vb)) for g, vb in zip(conv.groups, _split(vbox, conv.groups))]
+  for combo in itertools.product(*per_dim):
+    hf_box, dest, rshape = [], [], []
+    for g, (start, stop, outer), vb in zip(conv.groups, combo, _split(vbox, conv.groups)):
+      hf_box.append((start, stop))
+      for j, (a, b) in enumerate(vb):
+        if j < len(outer):
+          dest.append(slice(outer[j] - a, outer[j] - a + 1))
+          rshape.append(1)
+        else:
+          dest.append(slice(None))
+          rshape.append(b - a)
+    vout[tuple(dest)] = _read_slice(handle, name, hf_box).reshape(rshape)
+
+
+def _split(vbox, groups):
+  """``vbox`` (one range per view dimension) cut into the groups of each HF dimension."""
+  v = 0
+  for g in groups:
+    yield vbox[v:v + len(g)]
+    v += len(g)
+
+
+def _box(index, shape) -> tuple[tuple[int, int], ...]:
+  """A device's index (tuple of slices) as ``(start, stop)`` per dimension."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  out = []
+  for s, n in zip(index, shape):
+    a, b, step = s.indices(n)
+    if step != 1:
+      raise ValueError(f"strided shard index {index} is not supported")
+    out.append((a, b))
+  return tuple(out)
+
+
+def _read_leaf(leaf: _Leaf, handles, dtype, box) -> np.ndarray:
+  """``box`` of ``leaf`` in ``dtype``: for a stacked leaf, the boxed layers' slices only."""
+  out = np.empty(tuple(b - a for a, b in box), dtype)
+  if leaf.stacked:
+    (l0, l1), rest = box[0], box[1:]
+    for j, name in enumerate(leaf.hf_names[l0:l1]):
+      _read_into(out[j], handles[name], name, leaf.conv, rest)
+  else:
+    name = leaf.hf_names[0]
+    _read_into(out, handles[name], name, leaf.conv, box)
+  return out
+
+
+def _place_leaf(leaf: _Leaf, handles, dtype, sharding: Sharding) -> jax.Array:
+  """``leaf`` as a global array laid out by ``sharding``, read one shard at a time.
+
+  Only this process's devices are filled (``addressable_devices_indices_map``),
+  so each host reads its own slices. Devices holding the same box (replicas)
+  share one read; each box is put on its devices and waited for before the
+  next is read, so the host holds one shard's slice at a time.
+  (``jax.make_array_from_callback`` would call back once per device and keep
+  every host slice until all are read.)
+  """
+  by_box: dict[tuple, list] = {}
+  for dev, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+    by_box.setdefault(_box(index, leaf.shape), []).append(dev)
+  arrays = []
+  for box, devs in by_box.items():
+    host = _read_leaf(leaf, handles, dtype, box)
+    put = [jax.device_put(host, d) for d in devs]
+    jax.block_until_ready(put)
+    arrays += put
+    del host
+  return jax.make_array_from_single_device_arrays(leaf.shape, sharding, arrays, dtype=dtype)
+
+
+def _plan(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], path: str) -> list[_Leaf]:
+  """Our leaves and their HF tensors, checked against the header shapes (no data read).
+
+  Raises ValueError for a tensor whose shape disagrees with the config and for
+  missing or unexpected tensors (all named).
+  """
   used: set[str] = set()
-  params: dict = {}
+  missing: list[str] = []
+  leaves: list[_Leaf] = []
 
-  def take(hf_name, ours, shape, convert):
-    if hf_name not in tensors:
-      return None
-    used.add(hf_name)
-    w = tensors[hf_name]
-    try:
-      w = convert(w)
-    except ValueError:
-      pass  # reshape failed: reported as a shape mismatch below
-    if tuple(w.shape) != tuple(shape):
-      raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}, which "
-                       f"does not match the config (expected {ours} of shape {tuple(shape)})")
-    return np.asarray(w).astype(pdt)
-
-  missing = []
-  for ours, hf_name, to_ours, _ in _global_map(cfg):
-    shape = _get(expected, ours).shape
-    w = take(hf_name, ours, shape, to_ours)
-    if w is None:
+  def check(hf_name, ours, conv):
+    if hf_name not in shapes:
       missing.append(hf_name)
-    else:
-      _set(params, ours, w)
-  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+      return False
+    used.add(hf_name)
+    if tuple(shapes[hf_name]) != conv.hf_shape:
+      raise ValueError(f"tensor {hf_name!r} has shape {tuple(shapes[hf_name])}, which does not "
+                       f"match the config (expected {ours} of shape {conv.shape})")
+    return True
+
+  for ours, hf_name, conv in _global_map(cfg):
+    if check(hf_name, ours, conv):
+      leaves.append(_Leaf(ours, (hf_name,), conv, stacked=False))
+  if cfg.tie_word_embeddings and "lm_head.weight" in shapes:
     used.add("lm_head.weight")  # some exporters write the tied copy too; it is ignored
-  for ours, tmpl, to_ours, _ in _layer_map(cfg):
-    shape = _get(expected["layers"], ours).shape[1:]
-    stack = []
-    for i in range(cfg.num_layers):
-      w = take(tmpl.format(i=i), ours, shape, to_ours)
-      if w is None:
-        missing.append(tmpl.format(i=i))
-      stack.append(w)
-    if all(w is not None for w in stack):
-      _set(params, "layers/" + ours, np.stack(stack))
-  unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+  for ours, tmpl, conv in _layer_map(cfg):
+    names = tuple(tmpl.format(i=i) for i in range(cfg.num_layers))
+    if all([check(name, ours, conv) for name in names]):
+      leaves.append(_Leaf("layers/" + ours, names, conv, stacked=True))
+  unexpected = sorted(k for k in shapes if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected:
-    msg = [f"checkpoint {os.fspath(path)!r} does not match its config "
+    msg = [f"checkpoint {path!r} does not match its config "
            f"(model_type={cfg.model_type!r}, tie_word_embeddings={cfg.tie_word_embeddings})"]
     if missing:
       msg.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
@@ -228,8 +382,93 @@ def from_pretrained(path, dtype="float32", *, param_dtype=None, remat: bool = Fa
       msg.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
                  + (" ..." if len(unexpected) > 20 else ""))
     raise ValueError("; ".join(msg))
-  del tensors
-  params = jax.tree.map(jnp.asarray, params)
+  return leaves
+
+
+def _check_shardings(shardings, cfg: ModelConfig) -> dict[str, Sharding]:
+  """``shardings`` as ``{"layers/q_kernel": sharding}``, checked against the params' shapes."""
+  shapes = param_shapes(cfg)
+  is_sh = lambda x: isinstance(x, Sharding)  # noqa: E731
+  want = jax.tree.structure(shapes)
+  got = jax.tree.structure(shardings, is_leaf=is_sh)
+  if got != want:
+    raise ValueError(f"shardings: expected a pytree of jax.sharding.Sharding like the params "
+                     f"{want}, got {got}")
+  out = {}
+  for (kp, s), x in zip(jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sh)[0],
+                        jax.tree.leaves(shapes)):
+    name = "/".join(str(k.key) for k in kp)
+    if not is_sh(s):
+      raise ValueError(f"shardings: {name} is {s!r}, not a jax.sharding.Sharding")
+    try:
+      s.shard_shape(x.shape)
+    except ValueError as e:
+      raise ValueError(f"shardings: {name} of shape {x.shape} cannot be laid out by {s}: "
+                       f"{e}") from e
+    out[name] = s
+  return out
+
+
+def from_pretrained(path, dtype="float32", *, param_dtype=None, remat: bool = False,
+                    shardings=None, mesh=None) -> Model:
+  """Load a local HF checkpoint directory (``config.json`` + safetensors).
+
+  Every parameter is read through safetensors slices of the memory-mapped
+  files. Without ``shardings``/``mesh`` each parameter is read whole and put
+  on the default device (one parameter on the host at a time). With them,
+  each parameter is created shard by shard: for each box of the parameter
+  that one of this process's devices holds, only that box is read (for a
+  layer-stacked parameter, only the boxed layers, and of each only the boxed
+  part), converted to our layout and dtype, and put on its devices; no
+  parameter ever exists whole on the host or on one device.
+
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` or a
+      sharded ``model.safetensors.index.json``.
+    dtype: compute dtype ("float32" | "bfloat16"); parameters are stored in
+      ``param_dtype`` (default: ``dtype``).
+    remat: rematerialize each layer in the backward pass.
+    shardings: optional pytree like the params of ``jax.sharding.Sharding``
+      (e.g. ``param_shardings(cfg, mesh)``); the loaded arrays have exactly
+      these shardings.
+    mesh: optional ``Mesh``; shorthand for ``shardings=param_shardings(cfg,
+      mesh)`` (the logical-axis table: the trainer's and sampler's layout).
+
+  Raises:
+    FileNotFoundError naming a missing file; ValueError for an unsupported
+    ``model_type``, pickle-only checkpoints, a tensor whose shape disagrees
+    with the config (named), missing or unexpected tensors (named), and
+    ``shardings`` that do not fit the params. All are raised from the config
+    and the safetensors headers, before any tensor data is read.
+  """
+  from safetensors import safe_open  # host-only
+
+  if shardings is not None and mesh is not None:
+    raise ValueError("from_pretrained: give shardings or mesh, not both")
+  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+  files = _weight_files(os.fspath(path))
+  if mesh is not None:
+    shardings = param_shardings(cfg, mesh)
+  by_name = None if shardings is None else _check_shardings(shardings, cfg)
+  pdt = cfg.param_dtype
+  with contextlib.ExitStack() as stack:
+    handles: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for fname in files:
+      f = stack.enter_context(safe_open(fname, framework="numpy"))
+      for key in f.keys():
+        if key in handles:
+          raise ValueError(f"tensor {key!r} appears in both {sources[key]} and {fname}")
+        handles[key], sources[key] = f, fname
+        shapes[key] = tuple(f.get_slice(key).get_shape())  # header only
+    params: dict = {}
+    for leaf in _plan(cfg, shapes, os.fspath(path)):
+      if by_name is None:
+        full = tuple((0, n) for n in leaf.shape)
+        _set(params, leaf.ours, jnp.asarray(_read_leaf(leaf, handles, pdt, full)))
+      else:
+        _set(params, leaf.ours, _place_leaf(leaf, handles, pdt, by_name[leaf.ours]))
   return Model(params=params, config=cfg)
 
 
@@ -259,13 +498,12 @@ def hf_state_dict(model: Model) -> dict[str, np.ndarray]:
   cfg = model.config
   params = jax.device_get(model.params)
   out: dict[str, np.ndarray] = {}
-  conv: Callable
-  for ours, hf_name, _, conv in _global_map(cfg):
-    out[hf_name] = np.ascontiguousarray(conv(np.asarray(_get(params, ours))))
-  for ours, tmpl, _, conv in _layer_map(cfg):
+  for ours, hf_name, conv in _global_map(cfg):
+    out[hf_name] = np.ascontiguousarray(conv.to_hf(np.asarray(_get(params, ours))))
+  for ours, tmpl, conv in _layer_map(cfg):
     stacked = np.asarray(_get(params["layers"], ours))
     for i in range(cfg.num_layers):
-      out[tmpl.format(i=i)] = np.ascontiguousarray(conv(stacked[i]))
+      out[tmpl.format(i=i)] = np.ascontiguousarray(conv.to_hf(stacked[i]))
   return out
 
 

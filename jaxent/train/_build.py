@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from jaxent import data as data_lib
 from jaxent import models, rewards
 from jaxent.config import Config
+from jaxent.train import _shard
 from jaxent.train._checkpoint import run_path
 from jaxent.train._loop import Components
 
@@ -19,14 +22,19 @@ class SetupError(RuntimeError):
   """The run cannot start; the message says which input is at fault."""
 
 
-def load_policy(cfg: Config):
-  """(model, tokenizer) from ``model.path`` or ``model.arch``."""
+def load_policy(cfg: Config, mesh=None):
+  """(model, tokenizer) from ``model.path`` or ``model.arch``.
+
+  With ``mesh``, a ``model.path`` checkpoint is read shard by shard straight
+  into the trainer's parameter layout on ``mesh`` (``models.param_shardings``):
+  no parameter passes whole through the host or one device.
+  """
   mc = cfg.model
   if mc.path is not None:
     if not os.path.isdir(mc.path):
       raise SetupError(f"model.path: {mc.path} is not a directory")
     try:
-      model = models.from_pretrained(mc.path, dtype=mc.dtype)
+      model = models.from_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
     try:
@@ -71,10 +79,34 @@ def arithmetic_files(cfg: Config, directory: str, *, num_train: int = 50_000) ->
   return train, held
 
 
+def train_mesh(cfg: Config):
+  """The mesh ``train`` will run on (``None`` for a ``model.arch`` config).
+
+  ``_loop.train`` plans its mesh from the config, the job's devices and the
+  model config; both steps are deterministic, so computing them here gives the
+  same mesh, and a checkpoint loaded onto it is already in the train state's
+  layout (the loop's copy onto the mesh is then device-local).
+  A config that does not fit the devices raises ``ConfigError`` here.
+  """
+  mc = cfg.model
+  if mc.path is None or not os.path.isdir(mc.path):
+    return None  # random init is small; a missing path is reported by load_policy
+  try:
+    mcfg = models.load_config(mc.path, dtype=mc.dtype)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
+  plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
+                          model_config=mcfg)
+  return _shard.make_train_mesh(plan)
+
+
 def build_components(cfg: Config, run_dir: str, *, params=None, process_index: int = 0,
                      process_count: int = 1) -> Components:
-  """Everything ``train`` needs, from the config (``params`` overrides the initial weights)."""
-  model, tok = load_policy(cfg)
+  """Everything ``train`` needs, from the config (``params`` overrides the initial weights).
+
+  A ``model.path`` checkpoint is loaded onto the training mesh (``train_mesh``).
+  """
+  model, tok = load_policy(cfg, mesh=train_mesh(cfg))
   d = cfg.data
   if d.task == "arithmetic":
     try:

@@ -33,6 +33,9 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxent import models, sharding
 from jaxent.config import Config, ConfigError
+# One definition of the "drop a mesh axis that does not divide" rule, shared
+# with the loader (re-exported here for the trainer's callers).
+from jaxent.models._hf import fit_spec  # noqa: F401
 from jaxent.sharding import AXES, BATCH_AXES
 from jaxent.types import TrainState
 
@@ -149,37 +152,18 @@ def make_train_mesh(plan: MeshPlan, devices: Sequence[jax.Device] | None = None)
 
 
 # ----------------------------------------------------------------------------- shardings
-def _is_axes(a) -> bool:
-  return isinstance(a, tuple) and all(isinstance(s, str) for s in a)
-
-
-def _mesh_sizes(mesh: AnyMesh) -> dict[str, int]:
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def fit_spec(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> P:
-  """Drops mesh axes (absent or) not dividing their dimension: that dimension is replicated."""
-  out = []
-  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if ax is None else ((ax,) if isinstance(ax, str) else tuple(ax))
-    names = tuple(a for a in names if a in sizes)
-    k = math.prod(sizes[a] for a in names)
-    out.append(None if not names or dim % k else (names[0] if len(names) == 1 else names))
-  return P(*out)
-
-
 def param_specs(model_config, mesh: AnyMesh):
-  """``PartitionSpec`` of every parameter (a pytree like the params)."""
-  sizes = _mesh_sizes(mesh)
-  return jax.tree.map(lambda ax, s: fit_spec(s.shape, sharding.logical_to_spec(ax), sizes),
-                      models.param_logical_axes(model_config), models.param_shapes(model_config),
-                      is_leaf=_is_axes)
+  """``PartitionSpec`` of every parameter (a pytree like the params).
+
+  The models layer owns this layout (``models.param_specs``) so that
+  ``models.from_pretrained(path, mesh=mesh)`` loads straight into it.
+  """
+  return models.param_specs(model_config, mesh)
 
 
 def param_shardings(model_config, mesh: AnyMesh):
   """``NamedSharding`` of every parameter on ``mesh``."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(model_config, mesh),
-                      is_leaf=lambda x: isinstance(x, P))
+  return models.param_shardings(model_config, mesh)
 
 
 def replicated(mesh: AnyMesh) -> NamedSharding:
@@ -215,6 +199,9 @@ def constrain_like_params(model_config, tree):
 
 # ----------------------------------------------------------------------------- placement
 def _put(x, s: NamedSharding):
+  # An array already on the mesh (``models.from_pretrained(..., mesh=)``) is
+  # copied device to device, shard by shard: nothing passes through the host
+  # or one device.
   if isinstance(x, jax.Array) and not s.is_fully_addressable and x.is_fully_addressable:
     # Another process's devices cannot receive this process's buffer: every
     # process passes the same host value and places its own shards.
