@@ -161,42 +161,111 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- eval ---
 
+_EVAL_SETTING_FLAGS = ("k", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_len",
+                       "reward", "prompt_key", "answer_key", "chat_template")
+
+
 def _add_eval(sub) -> None:
-  p = sub.add_parser("eval", help="mean@k / pass@k of a checkpoint or HF directory on a JSONL benchmark")
-  p.add_argument("--model", required=True, help="HF directory or jaxent run directory")
-  p.add_argument("--data", required=True, action="append", help="benchmark JSONL (repeatable)")
-  p.add_argument("--k", type=int, default=1, help="samples per prompt (mean@k, pass@k)")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (k is then 1)")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--max-new-tokens", type=int, default=1024)
-  p.add_argument("--reward", default="math", help="reward function (jaxent.rewards)")
-  p.add_argument("--prompt-key", default="prompt")
-  p.add_argument("--answer-key", default="answer")
-  p.add_argument("--chat-template", action="store_true")
-  p.add_argument("--batch-size", type=int, default=64)
+  p = sub.add_parser(
+      "eval", help="mean@k / pass@k of a checkpoint or HF directory on JSONL benchmarks",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Evaluate MODEL on local benchmark files with the paper's decoding presets.\n\n"
+          "  jaxent eval MODEL --benchmarks aime24=data/aime24.jsonl math500=data/m.jsonl\n"
+          "  jaxent eval MODEL --data data/AIME_2025.jsonl --data data/math-500.jsonl\n\n"
+          "A benchmark is NAME=PATH (NAME a preset: aime24, aime25, amc, math500, or any label\n"
+          "with explicit decoding flags) or a PATH recognised by its file name; otherwise the\n"
+          "flags below (over their defaults) decide. Flags given explicitly override a preset's\n"
+          "values for every benchmark; the report records the settings used. See docs/EVAL.md."))
+  p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                 help="HF directory (config.json) or jaxent run directory (config.yaml)")
+  p.add_argument("--model", default=None, help="the same as MODEL")
+  p.add_argument("--benchmarks", nargs="+", action="extend", default=[], metavar="[NAME=]PATH",
+                 help="benchmark files, optionally named (repeatable)")
+  p.add_argument("--data", action="append", default=[], metavar="PATH",
+                 help="a benchmark file (repeatable; same as a bare --benchmarks PATH)")
+  p.add_argument("--preset", default="paper", choices=("paper", "none"),
+                 help="paper (default): recognise the paper's benchmarks by name; none: flags only")
+  p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+  g = p.add_argument_group("settings (default: the preset's; without a preset the value shown)")
+  g.add_argument("--k", type=int, default=None, help="samples per prompt, mean@k / pass@k (1)")
+  g.add_argument("--temperature", type=float, default=None, help="0 = greedy, then k is 1 (0)")
+  g.add_argument("--top-p", type=float, default=None, help="(1: off)")
+  g.add_argument("--top-k", type=int, default=None, help="(0: off)")
+  g.add_argument("--max-new-tokens", type=int, default=None, help="response budget (1024)")
+  g.add_argument("--max-prompt-len", type=int, default=None,
+                 help="longer prompts are skipped and counted (2048)")
+  g.add_argument("--reward", default=None, help="reward function, jaxent.rewards (math)")
+  g.add_argument("--prompt-key", default=None, help="prompt field (prompt; presets: aliases)")
+  g.add_argument("--answer-key", default=None, help="answer field (answer; presets: aliases)")
+  g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                 help="wrap prompts in the tokenizer's chat template (off)")
+  p.add_argument("--batch-size", type=int, default=64, metavar="ROWS",
+                 help="rows (prompts x samples) per sampler call; bounds the KV cache (64)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="write the results as JSON here")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype for an HF directory (a run directory keeps its own)")
+  p.add_argument("--grade-timeout", type=float, default=5.0, metavar="SECONDS",
+                 help="per-response grading bound")
+  p.add_argument("--out", default=None, help="write the report (a JSON list, one per benchmark)")
+  p.add_argument("--samples-out", default=None, metavar="PATH",
+                 help="write every response with its reward as JSONL")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
   import json
   from jaxent.train import _eval
+  if args.list_presets:
+    print(_eval.format_presets())
+    return EXIT_OK
+  if args.model_pos and args.model and args.model_pos != args.model:
+    return _error(f"eval: two models given: {args.model_pos} and --model {args.model}")
+  model_path = args.model_pos or args.model
+  if not model_path:
+    return _error("eval: no model: give MODEL (an HF directory or a jaxent run directory)")
+  specs = list(args.benchmarks) + list(args.data)
+  if not specs:
+    return _error("eval: no benchmark: give --benchmarks [NAME=]PATH ... or --data PATH")
+  if args.batch_size < 1:
+    return _error(f"eval: --batch-size must be >= 1, got {args.batch_size}")
+  overrides = {f: getattr(args, f) for f in _EVAL_SETTING_FLAGS}
   bad = _setup_errors()
+  # Everything about the input is checked before the (slow) model load.
   try:
-    model, tok, cfg = _eval.load_model_or_run(args.model)
-    skip = not (cfg is not None and cfg.data.task == "arithmetic")
-    results = [_eval.evaluate_benchmark(
-        model, tok, path, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, reward=args.reward, prompt_key=args.prompt_key,
-        answer_key=args.answer_key, chat_template=args.chat_template, batch_size=args.batch_size,
-        seed=args.seed, skip_special_tokens=skip) for path in args.data]
+    benches = [_eval.resolve_benchmark(s, overrides, presets=args.preset == "paper")
+               for s in specs]
+    for b in benches:
+      _eval.resolve_fields(b.path, b.settings.prompt_keys, b.settings.answer_keys)
   except bad + (ValueError,) as e:
     return _error(str(e))
-  for r in results:
-    print(json.dumps(r))
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+  for b in benches:
+    for note in b.notes:
+      print(f"jaxent eval: {note}", file=sys.stderr)
+  results, samples = [], []
+  try:
+    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype)
+    skip = not (cfg is not None and cfg.data.task == "arithmetic")
+    for b in benches:
+      rep, smp = _eval.evaluate_benchmark(
+          model, tok, b, batch_size=args.batch_size, seed=args.seed, timeout_s=args.grade_timeout,
+          skip_special_tokens=skip, return_samples=True)
+      results.append({"model": model_path, **rep})
+      samples += smp
+  except bad + (ValueError,) as e:
+    return _error(str(e))
+  print(_eval.format_table(results))
+  try:
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    if args.samples_out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.samples_out)), exist_ok=True)
+      with open(args.samples_out, "w", encoding="utf-8") as f:
+        for row in samples:
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  except OSError as e:
+    return _error(f"eval: cannot write the report: {e}")
   return EXIT_OK
 
 
