@@ -18,6 +18,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxent import ops
+
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -72,14 +74,10 @@ def token_covariance(
       raise ValueError(f"quantiles must lie in [0, 1], got {q}")
 
   valid = mask.astype(bool)
-  # Mask before any arithmetic so that NaN/inf in padding cannot leak.
-  lp = jnp.where(valid, log_prob.astype(jnp.float32), 0.0)
-  adv = jnp.where(valid, advantages.astype(jnp.float32), 0.0)
-  n = jnp.sum(valid, dtype=jnp.int32)
+  # The losses' selection ranks the same products (ops.centered_products).
+  cov, n = ops.centered_products(log_prob.astype(jnp.float32), advantages.astype(jnp.float32),
+                                 valid)
   n_f = jnp.maximum(n, 1).astype(jnp.float32)
-  mean_lp = jnp.sum(lp) / n_f
-  mean_adv = jnp.sum(adv) / n_f
-  cov = jnp.where(valid, (adv - mean_adv) * (lp - mean_lp), 0.0)
 
   any_valid = n > 0
   batch_cov = jnp.sum(cov) / n_f

@@ -84,18 +84,11 @@ def token_covariance(log_prob: jax.Array, advantages: jax.Array, mask: jax.Array
 def _covariance_and_count(log_prob, advantages, valid):
   """``token_covariance`` and the number of valid tokens (int32 scalar).
 
-  The count is the same ``ops.count_valid(valid)`` the losses' aggregation uses, so
-  under one ``jit`` it is computed once. (One variadic reduction for
-  ``Σ A``, ``Σ log π`` and ``N`` was measured slower in the losses: XLA:CPU
-  runs it unvectorised, while the masked arrays the separate sums write out
-  are reused by the loss.)
+  ``log π`` and ``A`` are constants here (the covariance only selects). The
+  count is the same ``ops.count_valid(valid)`` the losses' aggregation uses,
+  so under one ``jit`` it is computed once.
   """
-  lp = jnp.where(valid, upcast(lax.stop_gradient(log_prob)), 0)
-  a = jnp.where(valid, lax.stop_gradient(upcast(advantages)).astype(lp.dtype), 0)
-  n_valid = ops.count_valid(valid)
-  n = jnp.maximum(n_valid, 1).astype(lp.dtype)
-  cov = jnp.where(valid, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0)
-  return cov, n_valid
+  return ops.centered_products(lax.stop_gradient(log_prob), lax.stop_gradient(advantages), valid)
 
 
 def ppo_clipped(log_prob, old_log_prob, advantages, clip_low, clip_high):

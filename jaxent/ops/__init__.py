@@ -1,12 +1,14 @@
 """Layer 1: masked reductions, log-probs/entropy from logits, fixed-shape top-k."""
 from jaxent.ops._logprobs import HiddenAndHead, entropy_from_logits, logprobs_and_entropy
-from jaxent.ops._masked import AGG_MODES, aggregate, count_valid, masked_mean, masked_sum
+from jaxent.ops._masked import (AGG_MODES, aggregate, centered_products, count_valid, masked_mean,
+                                masked_sum)
 from jaxent.ops._select import selection_count, static_count_bound, top_k_mask
 
 __all__ = [
     "AGG_MODES",
     "HiddenAndHead",
     "aggregate",
+    "centered_products",
     "count_valid",
     "entropy_from_logits",
     "logprobs_and_entropy",

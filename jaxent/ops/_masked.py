@@ -63,6 +63,34 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None, *, keepdims: bool = Fa
   return _safe_div(total, count_valid(valid, axis=axis, keepdims=keepdims))
 
 
+def centered_products(log_prob: jax.Array, advantages: jax.Array,
+                      mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token ``Cov_i = (A_i − mean A)(log π_i − mean log π)`` and ``N``.
+
+  Means run over the ``N`` valid tokens of the arrays passed in (under a
+  sharded ``jit``, the whole global batch); ``Cov_i`` is not divided by
+  ``N``, and is 0 at masked positions, whose values (even NaN or inf) never
+  reach it. The one implementation behind ``losses.token_covariance`` (the
+  Clip-Cov / KL-Cov selections) and ``diagnostics.token_covariance``.
+
+  Args:
+    log_prob: float ``[B, T]``.
+    advantages: float ``[B, T]``.
+    mask: ``[B, T]``, nonzero for a valid token.
+
+  Returns:
+    ``(cov, n_valid)``: ``cov`` in ``log_prob``'s (upcast) dtype, ``n_valid``
+    int32.
+  """
+  valid = as_valid(mask)
+  lp = jnp.where(valid, upcast(log_prob), 0)
+  a = jnp.where(valid, upcast(advantages).astype(lp.dtype), 0)
+  n_valid = count_valid(valid)
+  n = jnp.maximum(n_valid, 1).astype(lp.dtype)
+  cov = jnp.where(valid, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0)
+  return cov, n_valid
+
+
 def check_agg(agg: str) -> None:
   if agg not in AGG_MODES:
     raise ValueError(f"agg must be one of {list(AGG_MODES)}, got {agg!r}")
