@@ -79,6 +79,10 @@ class RolloutConfig:
   temperature: float = 1.0         # sampling temperature for rollouts
   top_p: float = 1.0               # nucleus sampling mass
   top_k: int = 0                   # 0 = off
+  # prompts per sampler call: a step's prompts are generated in chunks of this many (each
+  # with all its samples), so the KV cache holds chunk x samples_per_prompt rows, not the
+  # whole step's; a last, shorter chunk is padded to the same shape (no recompile); 0 = all at once
+  prompts_per_generate: int = 0
   filter_groups: bool = False      # DAPO-style: drop groups whose rewards are all equal (zero advantage)
   reward: str = "math"             # reward function name (jaxent.rewards)
   reward_timeout_s: float = 5.0    # per-response grading time limit
@@ -91,6 +95,9 @@ class RolloutConfig:
     _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
     _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
     _check(self.top_k >= 0, f"{key}.top_k", "must be >= 0")
+    _check(0 <= self.prompts_per_generate <= self.prompts_per_step, f"{key}.prompts_per_generate",
+           f"must be in [0, rollout.prompts_per_step = {self.prompts_per_step}] "
+           f"(0 generates all of a step's prompts at once), got {self.prompts_per_generate}")
     _check(self.reward_timeout_s > 0, f"{key}.reward_timeout_s", "must be > 0")
 
 

@@ -15,6 +15,9 @@ def test_defaults_and_overrides_are_typed():
   assert cfg.loss.name == "kl_cov" and cfg.loss.ratio == pytest.approx(2e-3)
   assert isinstance(cfg.loss.dual_clip, float) and cfg.loss.dual_clip == 10.0
   assert cfg.train.micro_batches == 4 and cfg.rollout.filter_groups is True
+  assert cfg.rollout.prompts_per_generate == 0        # default: a step's prompts in one sampler call
+  ragged = C.from_dict(BASE, ["rollout.prompts_per_generate=5"])  # 32 = 6 x 5 + 2: ragged is fine
+  assert ragged.rollout.prompts_per_generate == 5
   assert cfg.model.arch == {"hidden_size": 8}
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.loss.ratio = 0.5  # configs are never mutated
@@ -41,6 +44,10 @@ def test_yaml_round_trip(tmp_path):
     ("train.mini_batches=3", "train.mini_batches: 3 does not divide the 256 responses"),
     ("train.micro_batches=3", "train.micro_batches: 3 does not divide the mini-batch of 256"),
     ("rollout.top_p=0", "rollout.top_p: must be in (0, 1]"),
+    ("rollout.prompts_per_generate=-1",
+     "rollout.prompts_per_generate: must be in [0, rollout.prompts_per_step = 32]"),
+    ("rollout.prompts_per_generate=33", "rollout.prompts_per_generate: must be in [0, "),
+    ("rollout.prompts_per_generate=2.5", "rollout.prompts_per_generate: expected an integer"),
     ("train.progress=maybe", "train.progress: expected true or false"),
     ("nokeyvalue", "expected key=value"),
 ])

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxent import diagnostics, rollout, sampler
-from jaxent.config import Config
+from jaxent.config import Config, RolloutConfig
 from jaxent.train import _checkpoint, _logging, _shard
 from jaxent.train._step import StepSpec, jit_logprobs, jit_train_step, make_optimizer
 from jaxent.types import Batch, TrainState
@@ -72,7 +72,10 @@ def _responses_text(tokens: np.ndarray, mask: np.ndarray, decode) -> list[str]:
   return [decode([int(t) for t in row[m > 0]]) for row, m in zip(tokens, mask)]
 
 
-def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size: int = 2048,
+_EVAL_BATCH = 2048  # held-out prompts per sampler call when rollouts are not chunked
+
+
+def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size: int = _EVAL_BATCH,
              mesh=None) -> dict:
   """Greedy accuracy on the held-out set (mean reward and fraction correct).
 
@@ -89,6 +92,44 @@ def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size:
     rewards.append(np.asarray(r, np.float64))
   r = np.concatenate(rewards)
   return {"eval_reward": float(r.mean()), "eval_accuracy": float((r >= 0.5).mean())}
+
+
+def generate_responses(policy: Policy, prompts: list[list[int]], ro: RolloutConfig, *, eos_id, key,
+                       mesh=None) -> tuple[np.ndarray, np.ndarray]:
+  """Samples ``n = ro.samples_per_prompt`` responses to each prompt: (tokens, mask) on this host.
+
+  Row ``i * n + j`` is sample ``j`` of prompt ``i`` (GRPO groups stay whole and
+  consecutive); ``tokens`` int32 and ``mask`` int32, both ``[len(prompts) * n, R]``.
+
+  With ``c = ro.prompts_per_generate`` and ``0 < c < len(prompts)``, the
+  sampler gets the prompts ``c`` at a time, so its KV cache holds ``c * n``
+  rows rather than ``len(prompts) * n``: chunk ``i`` (prompts
+  ``[i c, (i + 1) c)``) is drawn with ``fold_in(key, i)`` (deterministic, and
+  the same on resume) and the chunks' rows are concatenated in order on the
+  host. Every chunk has one shape, so a step compiles the sampler once, as
+  unchunked: the prompt bucket of the step's longest prompt, and a batch
+  bucket of ``c`` prompts (a last, shorter chunk is padded with dummy rows).
+  Otherwise one call draws everything with ``key`` itself (the unchunked
+  path; chunking with ``c = len(prompts)`` would change the draws).
+
+  With several processes every process passes the same (gathered) prompts
+  and receives every row, chunk by chunk.
+  """
+  c = ro.prompts_per_generate
+  knobs = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+               top_k=ro.top_k, eos_id=eos_id, num_samples=ro.samples_per_prompt, mesh=mesh)
+  if c <= 0 or c >= len(prompts):
+    out = sampler.generate(policy, prompts, key=key, **knobs)
+    return _shard.host_array(out.tokens), _shard.host_array(out.mask)
+  p_bucket = sampler.Sampler(policy.config).prompt_bucket(max(len(p) for p in prompts))
+  toks, masks = [], []
+  for i, lo in enumerate(range(0, len(prompts), c)):
+    out = sampler.generate(policy, prompts[lo:lo + c], key=jax.random.fold_in(key, i),
+                           prompt_buckets=(p_bucket,), batch_buckets=(c,), **knobs)
+    # Host sync per chunk: the chunk's cache is freed before the next one is allocated.
+    toks.append(_shard.host_array(out.tokens))
+    masks.append(_shard.host_array(out.mask))
+  return np.concatenate(toks), np.concatenate(masks)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,6 +178,10 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   logprob_fn = jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh)
   cov_fn = _cov_stats_fn(mesh)
   rows_sharding = _shard.batch_sharding(mesh)
+  # Greedy evaluation generates one response per prompt: with chunked rollouts it
+  # takes as many prompts per call as a rollout chunk has rows (the same KV cache).
+  chunked = 0 < ro.prompts_per_generate < ro.prompts_per_step
+  eval_batch = ro.prompts_per_generate * ro.samples_per_prompt if chunked else _EVAL_BATCH
   base_key = jax.random.PRNGKey(tr.seed)
   # The update donates its state: train on a copy (laid out on the mesh) so
   # the caller's params (and the reference policy) stay valid.
@@ -183,10 +228,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       prompts = _shard.gather_prompts(local_prompts)  # this process's prompts -> all of them
       # The sampler runs on the trainer's mesh and reads its (sharded) params.
       policy = Policy(comps.model_config, state.params)
-      out = sampler.generate(policy, prompts, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                             top_p=ro.top_p, top_k=ro.top_k, eos_id=comps.eos_id,
-                             num_samples=ro.samples_per_prompt, key=k_sample, mesh=mesh)
-      toks, mask = _shard.host_array(out.tokens), _shard.host_array(out.mask)
+      toks, mask = generate_responses(policy, prompts, ro, eos_id=comps.eos_id, key=k_sample, mesh=mesh)
       # Each process grades the responses to its own prompts (it holds their answers).
       n_local = len(local_prompts) * ro.samples_per_prompt
       mine = slice(proc * n_local, (proc + 1) * n_local) if n_proc > 1 else slice(None)
@@ -235,7 +277,8 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
 
       done = step + 1
       if comps.eval_set is not None and tr.eval_every and (done % tr.eval_every == 0 or done == tr.steps):
-        ev = evaluate(Policy(comps.model_config, state.params), comps, cfg, key=k_eval, mesh=mesh)
+        ev = evaluate(Policy(comps.model_config, state.params), comps, cfg, key=k_eval, mesh=mesh,
+                      batch_size=eval_batch)
         ev["step"] = done
         evals.append(ev)
         row.update(ev)
