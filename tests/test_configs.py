@@ -161,6 +161,15 @@ def test_meshes_tpu_and_gpu(model, method):
   gpu = C.load(str(path), gpu_overrides(path))
   assert mesh_devices(gpu) == GPU_DEVICES[model]
   assert rows_per_device_per_micro_batch(gpu) == 1
-  # The override touches the mesh and the accumulation only: same gradient.
-  assert {**gpu.to_dict(), "mesh": None, "train": None} == {**tpu.to_dict(), "mesh": None, "train": None}
+  # The override touches the mesh, the accumulation and how many prompts are
+  # generated at once only: same gradient, same rollout distribution.
+  def rest(cfg):
+    d = cfg.to_dict()
+    return {**d, "mesh": None, "train": None, "rollout": {**d["rollout"], "prompts_per_generate": None}}
+  assert rest(gpu) == rest(tpu)
   assert dataclasses.replace(gpu.train, micro_batches=tpu.train.micro_batches) == tpu.train
+  # The TPU slice holds a whole rollout's KV cache; the GPUs generate it in
+  # chunks that split evenly over the batch devices (no padded prompts).
+  assert tpu.rollout.prompts_per_generate == 0
+  chunk = gpu.rollout.prompts_per_generate
+  assert 0 < chunk < gpu.rollout.prompts_per_step and chunk % (gpu.mesh.data * gpu.mesh.fsdp) == 0

@@ -7,10 +7,12 @@ are lowered abstractly, the per-device state is 16 bytes per parameter over
 the FSDP devices. A tiny config compiles for real on the 8 CPU devices and
 XLA's argument size equals the sharded state plus the batch shard.
 """
+import dataclasses
 import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from jaxent import cli
 from jaxent import config as C
 from jaxent.train import _dryrun
+from tests.test_configs import gpu_overrides
 
 QWEN = {
     # Qwen2.5-7B and Qwen2.5-32B config.json (the published values).
@@ -82,6 +85,34 @@ def test_paper_recipe_dry_run(size, tmp_path, monkeypatch, capsys):
   np.testing.assert_allclose(est["gradients"] * 1e9, per_chip, rtol=1e-3)
   np.testing.assert_allclose(est["optimizer"] * 1e9, 2 * per_chip, rtol=1e-3)
   assert "1 per device over data x fsdp" in out               # the recipes' one row per chip
+  assert "256 prompts x 8 samples per step in 1 sampler call of 256 prompts" in out  # TPU: unchunked
+
+
+@pytest.mark.parametrize("size, gpus", [("7b", 8), ("32b", 32)])
+def test_gpu_variants_generate_in_chunks_that_fit_an_h100(size, gpus, tmp_path):
+  """The GPU command of each recipe's header: the KV cache is that of one chunk of
+  prompts, and generation and the update each fit an 80 GB H100."""
+  path = Path(ROOT) / f"configs/paper/qwen2.5-{size}-grpo.yaml"
+  cfg = C.load(str(path), gpu_overrides(path) + [f"model.path={_hf_dir(tmp_path, size)}"])
+  lines = []
+  rep = _dryrun.dry_run(cfg, topology=str(gpus), platform="cuda", log=lines.append)
+  d, f, t = rep.mesh_shape
+  assert d * f * t == gpus
+  q = QWEN[size]
+  head_dim = q["hidden_size"] // q["num_attention_heads"]
+
+  def kv(prompts):  # float32 K and V: prompts x 8 rows of 2048 + 8192 slots, rows over data x fsdp
+    return (prompts * 8 / (d * f) * 10240 * 2 * q["num_hidden_layers"] * q["num_key_value_heads"] / t
+            * head_dim * 4)
+  chunk = cfg.rollout.prompts_per_generate
+  assert rep.per_device["rollout_kv_cache"] == pytest.approx(kv(chunk), rel=1e-9)
+  assert any(f"in {256 // chunk} sampler calls of {chunk} prompts" in l for l in lines), lines
+  assert rep.per_device["rollout_total"] < 80e9 and rep.per_device["train_total"] < 80e9
+  if size == "7b":  # unchunked, the same mesh needs the whole rollout's cache: 300 GB
+    whole = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, prompts_per_generate=0)), topology=str(gpus), platform="cuda", log=lambda _: None)
+    assert whole.per_device["rollout_kv_cache"] == pytest.approx(kv(256), rel=1e-9)
+    assert whole.per_device["rollout_kv_cache"] > 80e9
 
 
 def test_tiny_config_compiles_on_the_cpu_mesh():

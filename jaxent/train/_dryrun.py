@@ -13,7 +13,8 @@ inputs (``jax.ShapeDtypeStruct`` carrying the shardings):
   ``AbstractMesh`` of the configured shape and ``--platform``, not compiled.
 
 Memory per device is also estimated analytically (parameters, Adam state,
-gradients, activations of one micro-batch, the rollout's KV cache), since the
+gradients, activations of one micro-batch, the rollout's KV cache for the
+prompts generated at once, ``rollout.prompts_per_generate``), since the
 analysis of a lowered-only program does not exist. Nothing is written.
 """
 from __future__ import annotations
@@ -22,14 +23,14 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxent import models
+from jaxent import models, sampler
 from jaxent.config import Config, ConfigError
 from jaxent.rollout import bucket_length
 from jaxent.sharding import AXES
@@ -104,6 +105,26 @@ def _activation_bytes(mcfg, rows: int, seq: int, tensor: int) -> float:
   inputs = layers * seq * d * act
   keep = inputs + per_layer if mcfg.remat else layers * per_layer + inputs
   return rows * keep
+
+
+class _GenShape(NamedTuple):
+  calls: int    # sampler calls per RL step
+  prompts: int  # prompts per call (the chunk)
+  bucket: int   # padded prompt count Bb of a call (sampler batch bucket, multiple of data x fsdp)
+  rows: int     # KV cache rows: Bb x samples_per_prompt
+  slots: int    # KV cache slots per row: prompt bucket + max_new_tokens
+
+
+def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
+  """What one sampler call of the loop holds (``_loop.generate_responses``' bucketing)."""
+  ro = cfg.rollout
+  chunk = ro.prompts_per_generate if 0 < ro.prompts_per_generate < ro.prompts_per_step \
+      else ro.prompts_per_step
+  smp = sampler.Sampler(mcfg, batch_buckets=(chunk,) if chunk < ro.prompts_per_step else None)
+  bb = smp.batch_bucket(chunk, batch_shards)
+  slots = smp.prompt_bucket(cfg.data.max_prompt_len) + ro.max_new_tokens
+  return _GenShape(calls=-(-ro.prompts_per_step // chunk), prompts=chunk, bucket=bb,
+                   rows=bb * ro.samples_per_prompt, slots=slots)
 
 
 def _abstract_state(mcfg, tx, shardings: TrainState) -> TrainState:
@@ -215,8 +236,9 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   sizes = dict(zip(AXES, plan.shape))
   params_b = _bytes_per_device(state.params, sh.params, sizes)
   opt_b = _bytes_per_device(state.opt_state, sh.opt_state, sizes)
+  gen = _generation_shape(cfg, mcfg, plan.batch_shards)
   kv_heads = mcfg.num_kv_heads / (plan.shape[2] if mcfg.num_kv_heads % plan.shape[2] == 0 else 1)
-  kv_b = (rows / plan.batch_shards * (p_len + ro.max_new_tokens) * 2 * mcfg.num_layers * kv_heads
+  kv_b = (gen.rows / plan.batch_shards * gen.slots * 2 * mcfg.num_layers * kv_heads
           * mcfg.head_dim * np.dtype(mcfg.dtype).itemsize)
   per_device = {
       "params": params_b, "optimizer": opt_b, "gradients": params_b,
@@ -224,6 +246,9 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
       "rollout_kv_cache": kv_b,
   }
   per_device["train_total"] = params_b + opt_b + params_b + per_device["activations"]
+  # While generating: the train state and the cache; the prefill also holds the
+  # cache of the chunk's prompts before it is repeated for their samples.
+  per_device["rollout_total"] = params_b + opt_b + kv_b * (1 + 1 / ro.samples_per_prompt)
 
   src = cfg.model.path or "model.arch"
   d, f, t = plan.shape
@@ -236,6 +261,10 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   log(f"  batch     {rows} rows per step = {tr.mini_batches} mini-batches of {mb_rows} = "
       f"{tr.micro_batches} micro-batches of {micro} ({micro // plan.batch_shards} per device over "
       f"data x fsdp = {d * f}); rows of {p_len} + {ro.max_new_tokens} = {seq} tokens")
+  log(f"  rollout   {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples per step in "
+      f"{gen.calls} sampler call{'s' if gen.calls > 1 else ''} of {gen.prompts} prompts"
+      f"{f' (padded to {gen.bucket})' if gen.bucket != gen.prompts else ''}: KV cache of "
+      f"{gen.rows} rows x {gen.slots} slots ({gen.rows / plan.batch_shards:g} rows per data x fsdp shard)")
   what = {"compiled": f"compiled for {plan.size} local {plat} devices",
           "compiled-topology": f"compiled ahead of time for {topology} ({plat})",
           "lowered": f"lowered for an abstract {d}x{f}x{t} {plat} mesh (not compiled)"}[mode]
