@@ -309,6 +309,30 @@ def test_build_components_loads_onto_the_train_mesh(ckpt, tmp_path, monkeypatch)
   jax.tree.map(np.testing.assert_array_equal, state.params, ref.params)
 
 
+def test_load_run_restores_a_model_path_run_without_reading_model_path(ckpt, tmp_path, monkeypatch):
+  from jaxent.train import _eval
+  from jaxent.train._checkpoint import Checkpointer
+  from jaxent.train._step import init_state
+  tm, _, ref = ckpt
+  raw = loop_config()
+  raw["model"] = {"path": _with_tokenizer(tm, tmp_path / "hf")}
+  cfg = C.from_dict(raw)
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.yaml").write_text(cfg.to_yaml())
+  trained = jax.tree.map(lambda x: x + 0.5, ref.params)   # not what model.path holds
+  tr = cfg.train
+  tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
+  ck = Checkpointer(str(run / "checkpoints"))
+  ck.save(3, init_state(trained, tx, jax.random.PRNGKey(0)), {"rl_step": 3, "data": {}})
+  ck.close()
+  reads = Reads(monkeypatch)
+  got_cfg, model, tok, step = _eval.load_run(str(run))
+  assert reads.reads == []                    # the weights come from the checkpoint alone
+  assert step == 3 and got_cfg.model.path == cfg.model.path and tok is not None
+  jax.tree.map(np.testing.assert_array_equal, model.params, trained)
+
+
 # ----------------------------------------------------------------------------- processes
 _PROC = """
 import sys

@@ -22,19 +22,25 @@ class SetupError(RuntimeError):
   """The run cannot start; the message says which input is at fault."""
 
 
-def load_policy(cfg: Config, mesh=None):
+def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   """(model, tokenizer) from ``model.path`` or ``model.arch``.
 
   With ``mesh``, a ``model.path`` checkpoint is read shard by shard straight
   into the trainer's parameter layout on ``mesh`` (``models.param_shardings``):
-  no parameter passes whole through the host or one device.
+  no parameter passes whole through the host or one device. With
+  ``weights=False`` nothing is read or initialised: the model's params are
+  ``jax.ShapeDtypeStruct``s (e.g. the target of a checkpoint restore).
   """
   mc = cfg.model
   if mc.path is not None:
     if not os.path.isdir(mc.path):
       raise SetupError(f"model.path: {mc.path} is not a directory")
     try:
-      model = models.from_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
+      if weights:
+        model = models.from_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
+      else:
+        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype)
+        model = models.Model(params=models.param_shapes(mcfg), config=mcfg)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
     try:
@@ -57,6 +63,8 @@ def load_policy(cfg: Config, mesh=None):
     mcfg = models.ModelConfig(**arch)
   except TypeError as e:
     raise SetupError(f"model.arch: {e}") from e
+  if not weights:
+    return models.Model(params=models.param_shapes(mcfg), config=mcfg), tok
   return models.init_model(mcfg, seed=mc.init_seed), tok
 
 

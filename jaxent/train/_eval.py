@@ -528,7 +528,9 @@ def load_run(run_dir: str, step: int | None = None):
   if not os.path.isfile(cfg_path):
     raise SetupError(f"{run_dir} is not a run directory: {cfg_path} is missing")
   cfg = config_lib.load(cfg_path)
-  model, tok = load_policy(cfg)
+  # Shapes only: the checkpoint supplies the weights (reading model.path too
+  # would put a whole second copy of the model on one device).
+  model, tok = load_policy(cfg, weights=False)
   ck_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ck_dir):
     raise SetupError(f"{run_dir} has no checkpoints/ directory")
