@@ -364,30 +364,14 @@ def _batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
-def _fit_spec(shape, spec: P, mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (replicates those dims)."""
-  out = []
-  for d, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if ax is None else ((ax,) if isinstance(ax, str) else tuple(ax))
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(ax if d % size == 0 else None)
-  return P(*out)
-
-
 def _place_params(cfg, params, mesh: Mesh):
   """Shards parameters by their logical axes unless they already live on ``mesh``."""
   devices = set(mesh.devices.flat)
   leaves = jax.tree.leaves(params)
   if all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
     return params  # already placed (e.g. by the trainer): keep its layout
-  axes = models.param_logical_axes(cfg)
-
-  def put(x, ax):
-    spec = _fit_spec(x.shape, logical_to_spec(ax), mesh)
-    return jax.device_put(x, NamedSharding(mesh, spec))
-
-  return jax.tree.map(put, params, axes,
-                      is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(s, str) for s in a))
+  # The trainer's layout (models.param_shardings): the same specs as train_step's.
+  return jax.device_put(params, models.param_shardings(cfg, mesh))
 
 
 def _check_pos_int(x, name: str) -> int:
