@@ -172,7 +172,7 @@ def np_token_uniforms(key, shape):
 
   i = np.arange(math.prod(shape), dtype=np.uint32).reshape(shape)
   with np.errstate(over="ignore"):
-    h = fmix((i ^ s1) * np.uint32(0x9E3779B9) + s0)
+    h = fmix(fmix(i * np.uint32(0x9E3779B9) + s0) ^ s1)
   return h, ((h >> np.uint32(2)) + np.uint32(0x3F800000)).view(np.float32)
 
 

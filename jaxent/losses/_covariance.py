@@ -231,13 +231,11 @@ def _fmix32(x: jax.Array) -> jax.Array:
 def token_uniforms(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   """One pseudo-random float32 per token of a ``[B, T]`` batch, for ranking.
 
-  ``h_i = fmix32((i ⊕ s_1)·φ + s_0)`` with ``i`` the global row-major
+  ``h_i = fmix32(fmix32(i·φ + s_0) ⊕ s_1)`` with ``i`` the global row-major
   index, ``φ = 0x9E3779B9`` and two 32-bit seeds ``s_0, s_1`` drawn from
-  ``key`` (threefry, two words). Per token that is eight integer ops, about
-  a twentieth of threefry-drawing a uniform per token (the cost that dominated
-  Clip-Cov); one finaliser round suffices, as fmix32 avalanches fully (the
-  subset-uniformity tests over keys check it). It is a pure function of
-  ``(key, i)``: the same on one device or
+  ``key`` (threefry, two words). Per token that is a dozen integer ops, about
+  a tenth of threefry-drawing a uniform per token (the cost that dominated
+  Clip-Cov), and a pure function of ``(key, i)``: the same on one device or
   any mesh, however the batch is sharded. For fixed seeds ``h`` is a
   bijection of ``i`` (every step is), so distinct tokens get distinct 32-bit
   hashes. The top 30 bits are mapped, order-preserving, to the finite floats
@@ -253,5 +251,5 @@ def token_uniforms(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   rows = lax.broadcasted_iota(jnp.uint32, shape, 0)
   cols = lax.broadcasted_iota(jnp.uint32, shape, 1)
   i = rows * jnp.uint32(shape[1]) + cols                     # wraps mod 2^32 past 4G tokens
-  h = _fmix32((i ^ seeds[1]) * jnp.uint32(0x9E3779B9) + seeds[0])
+  h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
   return lax.bitcast_convert_type((h >> 2) + jnp.uint32(0x3F800000), jnp.float32)
