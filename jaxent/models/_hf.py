@@ -473,10 +473,37 @@ def from_pretrained(path, dtype="float32", *, param_dtype=None, remat: bool = Fa
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The parts of a tokenizer.json that decide ids and decoded text (with the
+# vocabulary, checked by size and model type, and the added tokens).
+_TOKENIZER_PARTS = ("normalizer", "pre_tokenizer", "decoder")
 
 
 def load_tokenizer(path):
-  """``transformers.AutoTokenizer`` from a local directory (no remote code)."""
+  """The tokenizer of a local HF directory (no remote code, no downloads).
+
+  With a ``tokenizer.json`` the result is the generic fast tokenizer
+  (``transformers.PreTrainedTokenizerFast``) built from that file, so it
+  encodes and decodes exactly as ``tokenizers.Tokenizer.from_file`` does;
+  ``tokenizer_config.json`` still supplies the bos/eos/pad/unk and added
+  special tokens, ``chat_template`` (or ``chat_template.jinja``),
+  ``padding_side``, ``add_bos_token`` / ``add_eos_token`` and
+  ``clean_up_tokenization_spaces``. ``AutoTokenizer`` is not used there: in
+  transformers 5 it picks the class registered for ``config.json``'s
+  ``model_type`` (``Qwen2Tokenizer`` for qwen2/qwen3, ``LlamaTokenizer`` when
+  the config names it), and those classes rebuild the tokenizer from the
+  vocabulary with their own normalizer, pre-tokenizer and decoder, silently
+  replacing a custom ``tokenizer.json``'s (a word-level vocabulary lost its
+  spaces), inventing special tokens the files do not name and dropping
+  tokenizer.json's added tokens that tokenizer_config.json does not list.
+
+  Without ``tokenizer.json`` (a sentencepiece ``tokenizer.model``, or
+  ``vocab.json`` + ``merges.txt``) it is ``AutoTokenizer``'s conversion.
+
+  Raises:
+    FileNotFoundError: no directory, or no usable tokenizer files in it.
+    ValueError: the loaded tokenizer's normalizer, pre-tokenizer, decoder,
+      model or added tokens differ from ``tokenizer.json`` (named).
+  """
   path = _require_dir(path)
   # Without these files transformers 5 silently builds an empty tokenizer
   # from config.json alone.
@@ -485,11 +512,50 @@ def load_tokenizer(path):
                             f"{', '.join(_TOKENIZER_FILES)}")
   import transformers  # host-only
 
+  tokenizer_json = os.path.join(path, "tokenizer.json")
   try:
-    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
-                                                      local_files_only=True)
+    if os.path.isfile(tokenizer_json):
+      tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+      tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                       local_files_only=True)
   except (OSError, ValueError) as e:
     raise FileNotFoundError(f"no usable tokenizer files in {path!r}: {e}") from e
+  if os.path.isfile(tokenizer_json):
+    _check_tokenizer_json(tok.backend_tokenizer, tokenizer_json)
+  return tok
+
+
+def _check_tokenizer_json(got, tokenizer_json: str) -> None:
+  """Raises unless the backend ``got`` tokenizes as ``tokenizer_json`` does.
+
+  Guards the guarantee of ``load_tokenizer`` against transformers rewriting
+  the backend (as its model-specific classes and its Mistral regex patch do).
+  The post-processor is not compared: ``add_bos_token`` / ``add_eos_token``
+  in tokenizer_config.json legitimately rebuild it. Added tokens may grow
+  (special tokens the config names) but keep their ids.
+  """
+  import tokenizers  # host-only
+
+  ref = tokenizers.Tokenizer.from_file(tokenizer_json)
+
+  def state(part):
+    return None if part is None else part.__getstate__()
+
+  for name in _TOKENIZER_PARTS:
+    if state(getattr(got, name)) != state(getattr(ref, name)):
+      raise ValueError(f"loaded tokenizer's {name} differs from {tokenizer_json!r}: "
+                       f"{state(getattr(got, name))!r} vs {state(getattr(ref, name))!r}")
+  if (type(got.model) is not type(ref.model)
+      or got.get_vocab_size(with_added_tokens=False) != ref.get_vocab_size(with_added_tokens=False)):
+    raise ValueError(f"loaded tokenizer's model ({type(got.model).__name__}, "
+                     f"{got.get_vocab_size(with_added_tokens=False)} tokens) differs from "
+                     f"{tokenizer_json!r} ({type(ref.model).__name__}, "
+                     f"{ref.get_vocab_size(with_added_tokens=False)} tokens)")
+  moved = {t.content: (i, got.token_to_id(t.content))
+           for i, t in ref.get_added_tokens_decoder().items() if got.token_to_id(t.content) != i}
+  if moved:
+    raise ValueError(f"added tokens of {tokenizer_json!r} changed id (file id, loaded id): {moved}")
 
 
 # ----------------------------------------------------------------------------- export
