@@ -135,8 +135,12 @@ def test_field_aliases_and_missing_fields(tmp_path):
 def hf_dir(tmp_path_factory):
   from tokenizers import Tokenizer, models as tmodels
   from transformers import PreTrainedTokenizerFast
-  # (transformers loads it back as a Qwen2 byte-level tokenizer over this vocabulary)
+  # One token per character, decoded without spaces (load_tokenizer keeps tokenizer.json's
+  # pre-tokenizer and decoder; a bare WordLevel would read "3+4" as one unknown word).
+  from tokenizers import decoders, pre_tokenizers
   t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  t.decoder = decoders.Fuse()
   tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>")
   cfg = models.ModelConfig(model_type="qwen2", vocab_size=len(WORDS), hidden_size=32, num_layers=1,
                            num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
