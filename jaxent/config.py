@@ -40,11 +40,14 @@ class ModelConfigSection:
   arch: Mapping[str, Any] | None = None  # or: jaxent.models.ModelConfig fields for a randomly initialised model
   dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype
   remat: bool = False              # rematerialise each layer in the backward pass (saves activation memory)
+  attention_chunk: int = 512       # longer sequences attend this many queries at a time (same result, chunk x S memory); 0 = whole
   init_seed: int = 0               # seed of the random init when `arch` is given
 
   def validate(self, key: str = "model") -> None:
     _check((self.path is None) != (self.arch is None), key,
            "give exactly one of model.path (a local HF directory) or model.arch (a config for random init)")
+    _check(self.attention_chunk >= 0, f"{key}.attention_chunk",
+           f"must be >= 0 (0 = whole attention), got {self.attention_chunk}")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ class ModelConfig:
   dtype: Any = "float32"  # compute dtype of activations; logits are always float32
   param_dtype: Any = "float32"  # storage dtype of the parameters
   remat: bool = False  # jax.checkpoint each layer (recompute activations in backward)
+  # Queries per attention chunk when T exceeds it (q_chunk x S scores instead of T x S,
+  # forward and backward; same numbers); 0 = always whole attention. See _attention.py.
+  attention_chunk: int = 512
   o_bias: bool | None = None  # bias on the output projection (Llama attention_bias=True)
   initializer_range: float = 0.02  # std of the normal init of matrices (random init)
   bos_token_id: int | None = None  # exported to HF; the sampler may read eos_token_id
@@ -137,6 +140,10 @@ class ModelConfig:
     put("dtype", _as_dtype(self.dtype, "dtype"))
     put("param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
     put("remat", bool(self.remat))
+    ac = self.attention_chunk
+    if not isinstance(ac, (int, np.integer)) or isinstance(ac, bool) or ac < 0:
+      raise ValueError(f"attention_chunk must be an int >= 0 (0 = whole attention), got {ac!r}")
+    put("attention_chunk", int(ac))
     put("tie_word_embeddings", bool(self.tie_word_embeddings))
     put("rope_theta", float(self.rope_theta))
     if isinstance(self.eos_token_id, list):
@@ -176,7 +183,7 @@ class ModelConfig:
 
     Reads ``rope_parameters`` (transformers >= 5) or the older
     ``rope_theta`` / ``rope_scaling`` attributes. ``overrides`` set jaxent-only
-    fields (``dtype``, ``param_dtype``, ``remat``).
+    fields (``dtype``, ``param_dtype``, ``remat``, ``attention_chunk``).
     """
     get = lambda k, d=None: getattr(hf_config, k, d)  # noqa: E731
     mt = get("model_type")

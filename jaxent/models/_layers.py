@@ -19,14 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxent.models._attention import attention
 from jaxent.models._config import ModelConfig
 from jaxent.sharding import constrain
-
-# Masked attention scores are set to this finite value rather than -inf, so a
-# query with no visible key (a left-pad query) gets a uniform, finite softmax
-# instead of NaN; its output is garbage that callers mask out.
-_MASK_VALUE = float(np.finfo(np.float32).min)
-
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """Inverse frequencies ``theta^(-2i/N)``, i < N/2, float32, with HF's scalings.
@@ -124,7 +119,6 @@ class Block(nn.Module):
     dt = cfg.dtype
     d, h, k, n, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                      cfg.intermediate_size)
-    g = h // k
     w_init = nn.initializers.normal(cfg.initializer_range)
     zeros = nn.initializers.zeros
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name=name)  # noqa: E731
@@ -157,13 +151,9 @@ class Block(nn.Module):
       vals = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(dt)
     else:
       keys, vals = kk, vv
-    b, t = q.shape[:2]
-    qg = q.reshape(b, t, k, g, n)  # query head h = kv_head * G + j, as HF's repeat_kv
-    scores = jnp.einsum("BTKGN,BSKN->BKGTS", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores * (n ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    att = jnp.einsum("BKGTS,BSKN->BTKGN", probs, vals).reshape(b, t, h, n)
+    # Whole [B, K, G, T, S] scores, or queries cfg.attention_chunk at a time when
+    # T exceeds it (same numbers, q_chunk x S memory; the decode step's T = 1 is whole).
+    att = attention(q, keys, vals, mask, q_chunk=cfg.attention_chunk)
     att = constrain(att, ("batch", "seq", "heads", "head_dim"))
     wo = self._p("o_kernel", (h, n, d), w_init)
     out = jnp.einsum("BTHN,HND->BTD", att, wo.astype(dt))

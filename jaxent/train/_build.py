@@ -39,7 +39,8 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
       if weights:
         model = models.from_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
       else:
-        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype)
+        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype,
+                                  attention_chunk=mc.attention_chunk)
         model = models.Model(params=models.param_shapes(mcfg), config=mcfg)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
@@ -47,8 +48,9 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
       tok = models.load_tokenizer(mc.path)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
       raise SetupError(f"model.path: no usable tokenizer in {mc.path}: {e}") from e
-    if mc.remat:
-      model = model.replace(config=model.config.replace(remat=True))
+    # jaxent-only fields (not in config.json) come from the run config.
+    model = model.replace(config=model.config.replace(
+        remat=model.config.remat or mc.remat, attention_chunk=mc.attention_chunk))
     return model, tok
   if cfg.data.task != "arithmetic":
     raise SetupError("model.arch builds a random model without a tokenizer; use it with "
@@ -59,6 +61,7 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   arch.setdefault("dtype", mc.dtype)
   arch.setdefault("param_dtype", mc.dtype)
   arch.setdefault("remat", mc.remat)
+  arch.setdefault("attention_chunk", mc.attention_chunk)
   try:
     mcfg = models.ModelConfig(**arch)
   except TypeError as e:
