@@ -137,6 +137,8 @@ def test_recipe_values(model, method):
   assert cfg.data.eval_path and cfg.data.eval_path != cfg.data.train_path
   # float32 parameters (bfloat16 would round lr=1e-6 AdamW steps away), remat
   assert cfg.model.dtype == "float32" and cfg.model.remat
+  # 10240-token rows attend in query chunks (whole attention: 47 GB of scores per 7B row)
+  assert 0 < cfg.model.attention_chunk < 2048 + 8192
 
 
 @pytest.mark.parametrize("model", MODELS)

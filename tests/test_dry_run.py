@@ -85,6 +85,18 @@ def test_paper_recipe_dry_run(size, tmp_path, monkeypatch, capsys):
   np.testing.assert_allclose(est["gradients"] * 1e9, per_chip, rtol=1e-3)
   np.testing.assert_allclose(est["optimizer"] * 1e9, 2 * per_chip, rtol=1e-3)
   assert "1 per device over data x fsdp" in out               # the recipes' one row per chip
+  assert "remat, attention in query chunks of 512" in out
+  # One 10240-token row per chip under remat, by hand: every layer's input, plus one
+  # layer's q/k/v (twice: value + cotangent), 3 MLP and 4 residual-width intermediates,
+  # and the scores, probabilities and their cotangents for 512 queries x 10240 keys.
+  c, t = QWEN[size], 10240
+  d, f, h, kv = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                 c["num_key_value_heads"])
+  hd = d // h
+  row = 4 * (c["num_hidden_layers"] * t * d + t * (2 * (h + 2 * kv) * hd + 3 * f + 4 * d)
+             + 4 * h * 512 * t)
+  act = float(re.search(r"activations ([\d.]+) GB", out).group(1))
+  np.testing.assert_allclose(act * 1e9, row, rtol=1e-3)
   assert "256 prompts x 8 samples per step in 1 sampler call of 256 prompts" in out  # TPU: unchunked
 
 
@@ -113,6 +125,21 @@ def test_gpu_variants_generate_in_chunks_that_fit_an_h100(size, gpus, tmp_path):
         cfg.rollout, prompts_per_generate=0)), topology=str(gpus), platform="cuda", log=lambda _: None)
     assert whole.per_device["rollout_kv_cache"] == pytest.approx(kv(256), rel=1e-9)
     assert whole.per_device["rollout_kv_cache"] > 80e9
+
+
+def test_chunked_attention_lets_an_h100_hold_four_7b_rows(tmp_path):
+  """Activations of the 7B update per GPU with 4 rows per micro-batch (micro_batches=8 on
+  8 GPUs): with whole attention the [28, 10240, 10240] float32 scores, probabilities and
+  their cotangents alone are 47 GB a row; chunked, the update fits an 80 GB H100."""
+  path = Path(ROOT) / "configs/paper/qwen2.5-7b-grpo.yaml"
+  cfg = C.load(str(path), gpu_overrides(path) + [f"model.path={_hf_dir(tmp_path, '7b')}"])
+  mcfg = _dryrun.model_config(cfg)
+  assert mcfg.attention_chunk == 512 and mcfg.remat
+  chunked = _dryrun._activation_bytes(mcfg, 4, 10240, 1)
+  whole = _dryrun._activation_bytes(mcfg.replace(attention_chunk=0), 4, 10240, 1)
+  assert whole - chunked == pytest.approx(4 * 4 * 28 * (10240 - 512) * 10240 * 4, rel=1e-12)
+  state = 16 * 7_615_616_512 / 8                                 # params, grads, Adam mu and nu
+  assert state + chunked < 80e9 < state + whole / 2           # whole: not even two rows fit
 
 
 def test_tiny_config_compiles_on_the_cpu_mesh():

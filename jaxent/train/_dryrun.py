@@ -58,7 +58,8 @@ def model_config(cfg: Config):
   mc = cfg.model
   if mc.path is not None:
     try:
-      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype, remat=mc.remat)
+      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype, remat=mc.remat,
+                                attention_chunk=mc.attention_chunk)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot read the model config in {mc.path}: {e}") from e
   if cfg.data.task != "arithmetic":
@@ -70,6 +71,7 @@ def model_config(cfg: Config):
   arch.setdefault("dtype", mc.dtype)
   arch.setdefault("param_dtype", mc.dtype)
   arch.setdefault("remat", mc.remat)
+  arch.setdefault("attention_chunk", mc.attention_chunk)
   try:
     return models.ModelConfig(**arch)
   except (TypeError, ValueError) as e:
@@ -92,18 +94,28 @@ def _activation_bytes(mcfg, rows: int, seq: int, tensor: int) -> float:
 
   Layer inputs kept for the backward pass (all layers with remat; without it,
   every layer's intermediates), plus one layer's working set: attention
-  scores and probabilities ``[heads, T, T]`` (materialised) and their
-  gradients, and the q/k/v/MLP intermediates.
+  scores and probabilities ``[heads, Tq, T]`` and their gradients, with
+  ``Tq = T`` for whole attention and ``Tq = attention_chunk`` when the
+  queries are chunked (``T > attention_chunk > 0``; without remat every
+  layer then keeps only its inputs for the chunks' recomputation, which the
+  intermediates term covers), and the q/k/v/MLP intermediates.
   """
   act = np.dtype(mcfg.dtype).itemsize
   d, f, h = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads
   kv, hd, layers = mcfg.num_kv_heads, mcfg.head_dim, mcfg.num_layers
   heads_local = h / tensor
-  attn = 4 * heads_local * seq * seq * 4                      # scores, probs (f32) + their grads
+  chunk = mcfg.attention_chunk
+  rows_q = chunk if 0 < chunk < seq else seq                  # query rows of scores at a time
+  attn = 4 * heads_local * rows_q * seq * 4                   # scores, probs (f32) + their grads
   inter = seq * act * (2 * (h + 2 * kv) * hd / tensor + 3 * f / tensor + 4 * d)
   per_layer = attn + inter
   inputs = layers * seq * d * act
-  keep = inputs + per_layer if mcfg.remat else layers * per_layer + inputs
+  if mcfg.remat:
+    keep = inputs + per_layer
+  elif rows_q < seq:  # chunked scores are recomputed in the backward pass, one layer's at a time
+    keep = layers * inter + attn + inputs
+  else:
+    keep = layers * per_layer + inputs
   return rows * keep
 
 
@@ -255,7 +267,9 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   log(f"jaxent train --dry-run: {cfg.name}")
   log(f"  model     {mcfg.model_type} ({src}): {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
       f"{mcfg.num_heads} heads / {mcfg.num_kv_heads} KV heads, vocab {mcfg.vocab_size}, "
-      f"{np.dtype(mcfg.param_dtype).name}{', remat' if mcfg.remat else ''}")
+      f"{np.dtype(mcfg.param_dtype).name}{', remat' if mcfg.remat else ''}, attention "
+      + (f"in query chunks of {mcfg.attention_chunk}" if 0 < mcfg.attention_chunk < seq
+         else "whole"))
   log(f"  params    {n_params:,} ({n_params / 1e9:.2f} B)")
   log(f"  mesh      {plan.describe()}")
   log(f"  batch     {rows} rows per step = {tr.mini_batches} mini-batches of {mb_rows} = "
