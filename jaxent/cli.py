@@ -172,7 +172,8 @@ def _add_eval(sub) -> None:
       description=(
           "Evaluate MODEL on local benchmark files with the paper's decoding presets.\n\n"
           "  jaxent eval MODEL --benchmarks aime24=data/aime24.jsonl math500=data/m.jsonl\n"
-          "  jaxent eval MODEL --data data/AIME_2025.jsonl --data data/math-500.jsonl\n\n"
+          "  jaxent eval MODEL --data data/AIME_2025.jsonl --data data/math-500.jsonl\n"
+          "  jaxent eval RUN_DIR --mesh data=4,tensor=2 --data data/aime24.jsonl   # 8 devices\n\n"
           "A benchmark is NAME=PATH (NAME a preset: aime24, aime25, amc, math500, or any label\n"
           "with explicit decoding flags) or a PATH recognised by its file name; otherwise the\n"
           "flags below (over their defaults) decide. Flags given explicitly override a preset's\n"
@@ -200,8 +201,13 @@ def _add_eval(sub) -> None:
   g.add_argument("--answer-key", default=None, help="answer field (answer; presets: aliases)")
   g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                  help="wrap prompts in the tokenizer's chat template (off)")
-  p.add_argument("--batch-size", type=int, default=64, metavar="ROWS",
-                 help="rows (prompts x samples) per sampler call; bounds the KV cache (64)")
+  p.add_argument("--batch-size", type=int, default=None, metavar="ROWS",
+                 help="rows (prompts x samples) per sampler call over the whole mesh; bounds the "
+                      "KV cache (default 64 per data x fsdp shard: 64 on one device)")
+  p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                 help="devices to generate on (omitted axes 1; one axis may be -1: the remaining "
+                      "devices). Default: a run directory's own mesh when it fits the devices "
+                      "here, else one device; a HF directory: one device")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype for an HF directory (a run directory keeps its own)")
@@ -210,6 +216,17 @@ def _add_eval(sub) -> None:
   p.add_argument("--out", default=None, help="write the report (a JSON list, one per benchmark)")
   p.add_argument("--samples-out", default=None, metavar="PATH",
                  help="write every response with its reward as JSONL")
+  g = p.add_argument_group(
+      "multi-process", "Every host runs the same command over one --mesh; process 0 grades and "
+      "writes the report. TPU pod slices and SLURM jobs are detected; otherwise give all three "
+      "of these (or JAXENT_COORDINATOR, JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, where the coordinator listens")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
+  g.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
+                 help="give up (exit 4) if the processes have not all joined by then "
+                      "(default JAXENT_INIT_TIMEOUT or 300)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -226,8 +243,14 @@ def _run_eval(args: argparse.Namespace) -> int:
   specs = list(args.benchmarks) + list(args.data)
   if not specs:
     return _error("eval: no benchmark: give --benchmarks [NAME=]PATH ... or --data PATH")
-  if args.batch_size < 1:
+  if args.batch_size is not None and args.batch_size < 1:
     return _error(f"eval: --batch-size must be >= 1, got {args.batch_size}")
+  mesh_shape = None
+  if args.mesh is not None:
+    try:
+      mesh_shape = _eval.parse_mesh(args.mesh)
+    except ValueError as e:
+      return _error(f"eval: --mesh {args.mesh!r}: {e}")
   overrides = {f: getattr(args, f) for f in _EVAL_SETTING_FLAGS}
   bad = _setup_errors()
   # Everything about the input is checked before the (slow) model load.
@@ -238,21 +261,42 @@ def _run_eval(args: argparse.Namespace) -> int:
       _eval.resolve_fields(b.path, b.settings.prompt_keys, b.settings.answer_keys)
   except bad + (ValueError,) as e:
     return _error(str(e))
-  for b in benches:
-    for note in b.notes:
-      print(f"jaxent eval: {note}", file=sys.stderr)
+  from jaxent.train import _distributed
+  try:
+    # Before JAX touches a device: joins the hosts of a multi-process job.
+    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
+  except _distributed.DistributedError as e:
+    return _error(str(e))
+  import jax
+  main = jax.process_index() == 0
+  if main:
+    for b in benches:
+      for note in b.notes:
+        print(f"jaxent eval: {note}", file=sys.stderr)
   results, samples = [], []
   try:
-    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype)
+    mesh, note = _eval.eval_mesh(model_path, mesh_shape, dtype=args.dtype)
+    if main:
+      if note:
+        print(f"jaxent eval: {note}", file=sys.stderr)
+      where = ("one device" if mesh is None else
+               " x ".join(f"{a}={s}" for a, s in mesh.shape.items()) + f" = {mesh.size} devices")
+      print(f"jaxent eval: generating on {where} ({jax.process_count()} process"
+            f"{'es' if jax.process_count() > 1 else ''})", file=sys.stderr)
+    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype, mesh=mesh)
     skip = not (cfg is not None and cfg.data.task == "arithmetic")
     for b in benches:
-      rep, smp = _eval.evaluate_benchmark(
+      out = _eval.evaluate_benchmark(
           model, tok, b, batch_size=args.batch_size, seed=args.seed, timeout_s=args.grade_timeout,
-          skip_special_tokens=skip, return_samples=True)
-      results.append({"model": model_path, **rep})
-      samples += smp
+          skip_special_tokens=skip, return_samples=True, mesh=mesh)
+      if out is not None:  # process 0 grades; the others only generate
+        results.append({"model": model_path, **out[0]})
+        samples += out[1]
   except bad + (ValueError,) as e:
     return _error(str(e))
+  if not main:
+    return EXIT_OK
   print(_eval.format_table(results))
   try:
     if args.out:

@@ -19,7 +19,9 @@ recognised by an explicit name or by its file name (``aime24.jsonl``,
 ``AIME_2025.jsonl``, ``math-500.jsonl``, ``amc23.jsonl``); explicit settings
 override a preset's, and every report records the settings actually used.
 
-This module also loads a trained run directory for evaluation and export.
+This module also loads a trained run directory for evaluation and export, and
+places a model on a device mesh for evaluation (``eval_mesh``,
+``load_model_or_run(..., mesh=)``).
 """
 from __future__ import annotations
 
@@ -33,13 +35,19 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from jaxent import config as config_lib
 from jaxent import data as data_lib
 from jaxent import models, rewards, sampler
+from jaxent.config import Config, ConfigError
+from jaxent.sharding import AXES
+from jaxent.train import _shard
 from jaxent.train._build import SetupError, load_policy
-from jaxent.train._checkpoint import Checkpointer
-from jaxent.train._step import init_state, make_optimizer
+
+# Rows per sampler call and row shard (data x fsdp) when no batch size is given.
+DEFAULT_ROWS_PER_SHARD = 64
 
 # ------------------------------------------------------------------ settings
 
@@ -358,9 +366,10 @@ def _eos_ids(tok, cfg) -> list[int] | None:
   return ids or None
 
 
-def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: int = 64,
+def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: int | None = None,
                        seed: int = 0, timeout_s: float = 5.0, skip_special_tokens: bool = True,
-                       return_samples: bool = False, presets: bool = True, **overrides):
+                       return_samples: bool = False, presets: bool = True, mesh: Mesh | None = None,
+                       **overrides):
   """mean@k and pass@k of ``model`` on a local JSONL (or Parquet) benchmark.
 
   Args:
@@ -371,24 +380,38 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
       ``presets``: ``evaluate_benchmark(m, tok, "data/aime24.jsonl")``
       decodes with the AIME preset, ``..., "x.jsonl", k=4, temperature=1.0)``
       with explicit settings.
-    batch_size: rows (prompts x samples) per sampler call. It bounds the KV
-      cache, ``rows x (prompt bucket + max_new_tokens)`` positions: mean@32
-      with 64 rows generates 2 prompts per call; ``k`` above it is split into
-      equal calls. Every call is padded to the same prompt bucket (the
-      longest prompt's) and the same prompt count, so the last, ragged call
-      does not recompile: one compiled prefill and decode per benchmark.
+    batch_size: rows (prompts x samples) per sampler call, over the whole
+      mesh (default: ``DEFAULT_ROWS_PER_SHARD`` = 64 per row shard, i.e.
+      ``64 x data x fsdp``). It bounds the KV cache, ``rows x (prompt
+      bucket + max_new_tokens)`` positions split over ``data x fsdp``:
+      mean@32 with 64 rows generates 2 prompts per call; ``k`` above it is
+      split into equal calls. Every call is padded to the same prompt bucket
+      (the longest prompt's) and the same prompt count, so the last, ragged
+      call does not recompile: one compiled prefill and decode per
+      benchmark. On a mesh the sampler pads a call's prompts to a multiple
+      of ``data x fsdp`` (padding rows cost compute, not results): choose
+      ``batch_size`` a multiple of ``data x fsdp x`` the samples per call.
     seed: the sampling key; results are reproducible for a given seed and
-      ``batch_size``.
+      ``batch_size``, on any mesh (the sampler's draws do not depend on the
+      layout).
     timeout_s: per-response grading bound.
     skip_special_tokens: decode responses without special tokens.
     return_samples: also return the per-sample records.
     presets, overrides: see ``resolve_benchmark`` (when ``benchmark`` is a spec).
+    mesh: the ``("data", "fsdp", "tensor")`` mesh to generate on (rows over
+      ``data x fsdp``, heads over ``tensor``); None: the mesh ``model``'s
+      params live on (``load_model_or_run(..., mesh=)``), or one device.
+      With several processes (``jax.distributed``) every process calls this
+      function (the generation is one program over all devices): the
+      responses are gathered to every host, process 0 grades them and
+      returns the report; the other processes return None.
 
   Returns:
     The report: ``benchmark``, ``file``, ``preset``, the settings used
     (``k``, ``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``,
     ``max_prompt_len``, ``reward``, ``prompt_key``, ``answer_key``,
-    ``chat_template``, ``seed``, ``batch_size``, ``overrides``),
+    ``chat_template``, ``seed``, ``batch_size``, ``overrides``, ``mesh``
+    ({axis: size}, all 1 on one device), ``processes``),
     ``prompts``, ``samples``, ``mean@k``, ``pass@k``, ``mean_response_len``,
     ``truncated_frac`` (responses that hit ``max_new_tokens`` without EOS),
     ``reward_failures``, ``reward_timeouts``, ``skipped_rows``, ``skipped``
@@ -401,8 +424,15 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
     ValueError: bad settings or ``batch_size``; data.DataError: a missing or
       unusable file (named).
   """
-  if not _is_int(batch_size) or batch_size < 1:
+  if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
     raise ValueError(f"batch_size (rows per sampler call) must be an int >= 1, got {batch_size!r}")
+  mesh = _params_mesh(model.params) if mesh is None else mesh
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  shape = {a: 1 for a in AXES} if mesh is None else {a: int(mesh.shape.get(a, 1)) for a in AXES}
+  if batch_size is None:
+    batch_size = DEFAULT_ROWS_PER_SHARD * shape["data"] * shape["fsdp"]
+  is_main = jax.process_index() == 0
   if isinstance(benchmark, Benchmark) and overrides:
     raise ValueError(f"overrides {sorted(overrides)} with a resolved Benchmark: give them to "
                      f"resolve_benchmark")
@@ -435,7 +465,7 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
         model, chunk, max_new_tokens=r_len, temperature=s.temperature, top_p=s.top_p,
         top_k=s.top_k, eos_id=eos, num_samples=per_call,
         key=jax.random.fold_in(jax.random.fold_in(key, i), rep),
-        prompt_buckets=(p_bucket,), batch_buckets=(prompts_per_call,))
+        prompt_buckets=(p_bucket,), batch_buckets=(prompts_per_call,), mesh=mesh)
 
   def grade(i: int, rep: int, toks, mask):
     nonlocal fails, timeouts
@@ -458,13 +488,17 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
 
   # The host grades call c while the device generates call c + 1; only one
   # call's KV cache is alive at a time (call c is fetched before c + 1 starts).
+  # With several processes the responses are gathered to every host (a
+  # collective: every process fetches every call) and process 0 grades.
   pending = None
   for i in range(0, n, prompts_per_call):
     for rep in range(k // per_call):
       out = launch(i, rep)
-      if pending is not None:
+      if pending is not None and is_main:
         grade(*pending)
-      pending = (i, rep, *jax.device_get((out.tokens, out.mask)))  # device -> host sync
+      pending = (i, rep, _shard.host_array(out.tokens), _shard.host_array(out.mask))  # host sync
+  if not is_main:
+    return None
   grade(*pending)
 
   kinds = {f: v for f, v in dataclasses.asdict(ps.stats).items()
@@ -476,6 +510,7 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
       "max_new_tokens": r_len, "max_prompt_len": s.max_prompt_len, "reward": s.reward,
       "prompt_key": prompt_key, "answer_key": answer_key, "chat_template": s.chat_template,
       "seed": seed, "batch_size": batch_size, "overrides": list(bench.overrides),
+      "mesh": shape, "processes": jax.process_count(),
       f"mean@{k}": float(rew.mean()), f"pass@{k}": pass_at_k(rew >= 0.5, k),
       "mean_response_len": float(lengths.mean()),
       "truncated_frac": float((~finished).mean()),
@@ -522,45 +557,183 @@ def format_presets() -> str:
 
 # ------------------------------------------------------------------- loading
 
-def load_run(run_dir: str, step: int | None = None):
-  """(config, model with the checkpoint's params, tokenizer, step) of a run directory."""
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  """``"data=D,fsdp=F,tensor=T"`` -> ``(D, F, T)``.
+
+  Any omitted axis is 1; one axis may be -1 (the devices the others leave,
+  resolved by ``eval_mesh``): ``"fsdp=8"`` -> (1, 8, 1), ``"data=-1,tensor=2"``
+  -> (-1, 1, 2).
+
+  Raises:
+    ValueError: naming the part, axis or size that is wrong.
+  """
+  sizes: dict[str, int] = {}
+  parts = [p.strip() for p in str(text).split(",")]
+  if not any(parts):
+    raise ValueError("no axis given; expected data=D,fsdp=F,tensor=T")
+  for part in parts:
+    name, sep, value = (x.strip() for x in part.partition("="))
+    if not sep or not name:
+      raise ValueError(f"{part!r} is not AXIS=SIZE (axes: {', '.join(AXES)})")
+    if name not in AXES:
+      raise ValueError(f"unknown axis {name!r} (axes: {', '.join(AXES)})")
+    if name in sizes:
+      raise ValueError(f"axis {name} given twice")
+    try:
+      v = int(value)
+    except ValueError:
+      raise ValueError(f"{name}={value!r}: a size must be an integer >= 1, or -1") from None
+    if v != -1 and v < 1:
+      raise ValueError(f"{name}={v}: a size must be >= 1, or -1 (the remaining devices)")
+    sizes[name] = v
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError("at most one axis may be -1")
+  return tuple(sizes.get(a, 1) for a in AXES)  # type: ignore[return-value]
+
+
+def _read_run_config(run_dir: str) -> Config:
   cfg_path = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(cfg_path):
     raise SetupError(f"{run_dir} is not a run directory: {cfg_path} is missing")
-  cfg = config_lib.load(cfg_path)
-  # Shapes only: the checkpoint supplies the weights (reading model.path too
-  # would put a whole second copy of the model on one device).
-  model, tok = load_policy(cfg, weights=False)
-  ck_dir = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(ck_dir):
-    raise SetupError(f"{run_dir} has no checkpoints/ directory")
-  ckpt = Checkpointer(ck_dir)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise SetupError(f"no complete checkpoint under {ck_dir}")
-    tr = cfg.train
-    tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx, jax.random.PRNGKey(0)), model.params)
-    try:
-      state, _ = ckpt.restore(step, abstract)
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged checkpoint
-      raise SetupError(f"cannot restore checkpoint {step} in {ck_dir}: {e}") from e
-  finally:
-    ckpt.close()
-  return cfg, model.replace(params=state.params), tok, step
+  return config_lib.load(cfg_path)
 
 
-def load_model_or_run(path: str, dtype: str = "float32"):
-  """A HF directory (config.json) or a jaxent run directory (config.yaml + checkpoints)."""
+def model_config_of(path: str, dtype: str = "float32"):
+  """(model config, run config or None) of a HF or run directory; reads no weights."""
   if os.path.isfile(os.path.join(path, "config.yaml")):
-    cfg, model, tok, _ = load_run(path)
-    return model, tok, cfg
+    cfg = _read_run_config(path)
+    model, _ = load_policy(cfg, weights=False)
+    return model.config, cfg
   if os.path.isfile(os.path.join(path, "config.json")):
     try:
-      return models.from_pretrained(path, dtype=dtype), models.load_tokenizer(path), None
+      return models.load_config(path, dtype=dtype), None
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"cannot load {path}: {e}") from e
   raise SetupError(f"{path} is neither a Hugging Face directory (config.json) nor a jaxent run "
                    f"directory (config.yaml)")
 
+
+def eval_mesh(path: str, shape: Sequence[int] | None = None, *, dtype: str = "float32",
+              what: str = "--mesh") -> tuple[Mesh | None, str | None]:
+  """The mesh to evaluate ``path`` on, and a note for the user (or None).
+
+  ``shape`` (``parse_mesh``) is checked against this job's devices and the
+  model's heads (``_shard.plan_shape``: the product must equal the devices,
+  or with one process divide them; ``tensor`` must divide the attention and
+  KV heads). Without it, a run directory uses its own ``mesh:`` section, as
+  ``jaxent train`` planned it (``_shard.plan_mesh``: the mesh it trained on)
+  when that fits the devices here, else one device (with a note); a HF
+  directory uses one device. With several processes a mesh over every
+  device is required. Returns ``(None, note)`` for one device.
+
+  Raises:
+    ConfigError: ``shape`` does not fit (the message starts with ``what``);
+      SetupError: an unreadable model directory.
+  """
+  mcfg, run_cfg = model_config_of(path, dtype)
+  n, procs = jax.device_count(), jax.process_count()
+  if shape is not None:
+    plan = _shard.plan_shape(shape, n, process_count=procs, model_config=mcfg, what=what)
+  elif run_cfg is not None:
+    try:
+      plan = _shard.plan_mesh(run_cfg, n, process_count=procs, model_config=mcfg)
+    except ConfigError as e:
+      if procs > 1:
+        raise ConfigError(f"the run's mesh does not fit this job ({e}); give {what} over all "
+                          f"{n} devices, e.g. {what} fsdp={n}") from e
+      return None, (f"the run's mesh does not fit the {n} devices here ({e}); evaluating on one "
+                    f"device (give {what} to choose a mesh)")
+  else:
+    if procs > 1:
+      raise ConfigError(f"{procs} processes evaluate on one mesh: give {what} over all {n} "
+                        f"devices, e.g. {what} fsdp={n}")
+    return None, None
+  if plan.size == 1:
+    return None, plan.note
+  return _shard.make_train_mesh(plan), plan.note
+
+
+def _params_mesh(params) -> Mesh | None:
+  """The one mesh every parameter is laid out on (``NamedSharding``), else None."""
+  meshes = set()
+  for x in jax.tree.leaves(params):
+    sh = getattr(x, "sharding", None)
+    if not isinstance(sh, NamedSharding) or not isinstance(sh.mesh, Mesh):
+      return None
+    meshes.add(sh.mesh)
+  return meshes.pop() if len(meshes) == 1 else None
+
+
+def _restore_params(ck_dir: str, step: int | None, abstract_params):
+  """(params, step): only the params of checkpoint ``step`` (default: the latest), as laid out
+  by ``abstract_params`` (``ShapeDtypeStruct``s with shardings).
+
+  A partial restore: orbax reads each parameter's shards straight onto the
+  devices that hold them (every process its own), and the optimizer state
+  (twice the parameters again with Adam) is never read.
+  """
+  mgr = ocp.CheckpointManager(ck_dir, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise SetupError(f"no complete checkpoint under {ck_dir}")
+    target = {"params": abstract_params}
+    try:
+      out = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True),
+          host=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged checkpoint
+      raise SetupError(f"cannot restore checkpoint {step} in {ck_dir}: {e}") from e
+  finally:
+    mgr.close()
+  return out["state"]["params"], step
+
+
+def load_run(run_dir: str, step: int | None = None, *, mesh: Mesh | None = None):
+  """(config, model with the checkpoint's params, tokenizer, step) of a run directory.
+
+  With ``mesh``, every parameter is restored straight into its layout on
+  ``mesh`` (``models.param_shardings``: the trainer's and sampler's), each
+  process reading only its devices' shards; without it, onto this process's
+  first device. Only the params are read (not the optimizer state), and
+  ``model.path`` is not read at all: the checkpoint holds the weights.
+  """
+  cfg = _read_run_config(run_dir)
+  # Shapes only: the checkpoint supplies the weights (reading model.path too
+  # would put a whole second copy of the model on the devices).
+  model, tok = load_policy(cfg, weights=False)
+  ck_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ck_dir):
+    raise SetupError(f"{run_dir} has no checkpoints/ directory")
+  if mesh is not None:
+    shardings = models.param_shardings(model.config, mesh)
+  else:
+    one = SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, model.params)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model.params, shardings)
+  params, step = _restore_params(ck_dir, step, abstract)
+  return cfg, model.replace(params=params), tok, step
+
+
+def load_model_or_run(path: str, dtype: str = "float32", *, mesh: Mesh | None = None):
+  """A HF directory (config.json) or a jaxent run directory (config.yaml + checkpoints).
+
+  With ``mesh`` the params are loaded straight into their layout on it (a HF
+  directory through ``models.from_pretrained(path, mesh=)``, a run through
+  ``load_run(path, mesh=)``); ``evaluate_benchmark`` then generates on that
+  mesh. ``eval_mesh`` chooses one as ``jaxent eval`` does.
+  """
+  if os.path.isfile(os.path.join(path, "config.yaml")):
+    cfg, model, tok, _ = load_run(path, mesh=mesh)
+    return model, tok, cfg
+  if os.path.isfile(os.path.join(path, "config.json")):
+    try:
+      return (models.from_pretrained(path, dtype=dtype, mesh=mesh), models.load_tokenizer(path),
+              None)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise SetupError(f"cannot load {path}: {e}") from e
+  raise SetupError(f"{path} is neither a Hugging Face directory (config.json) nor a jaxent run "
+                   f"directory (config.yaml)")

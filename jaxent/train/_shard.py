@@ -145,6 +145,54 @@ def plan_mesh(cfg: Config, num_devices: int, *, process_count: int = 1,
   return plan
 
 
+def plan_shape(sizes: Sequence[int], num_devices: int, *, process_count: int = 1,
+               model_config: Any = None, what: str = "mesh") -> MeshPlan:
+  """Resolves an explicit ``(data, fsdp, tensor)`` against ``num_devices``, without a batch.
+
+  The device rules of ``plan_mesh`` for a job that has no training batch to
+  split (evaluation: the sampler pads its rows to the batch shards): one
+  axis may be ``-1`` (the devices the others leave, never shrunk); the
+  product must equal ``num_devices`` or, with one process, divide it (the
+  first devices; ``note`` says so); ``tensor`` must divide the attention and
+  KV heads of ``model_config``. Each violation is a ``ConfigError`` whose
+  message starts with ``what`` and names the numbers.
+  """
+  sizes = list(sizes)
+  if len(sizes) != len(AXES):
+    raise ConfigError(f"{what}: expected {len(AXES)} axis sizes {AXES}, got {sizes}")
+  for a, s in zip(AXES, sizes):
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not (s == -1 or s >= 1):
+      raise ConfigError(f"{what}: {a}={s!r}; an axis size must be an int >= 1 or -1")
+  named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"{what}: at most one axis may be -1, got {named}")
+  n = int(num_devices)
+  if -1 in sizes:
+    i = sizes.index(-1)
+    known = math.prod(s for s in sizes if s != -1)
+    if n % known:
+      raise ConfigError(f"{what}: {named}: the fixed axes use {known} devices, which does not "
+                        f"divide the {n} available devices")
+    sizes[i] = n // known
+  size = math.prod(sizes)
+  named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+  note = None
+  if size != n:
+    if process_count > 1 or n % size:
+      why = ("with several processes the mesh must use every device" if process_count > 1 and
+             n % size == 0 else f"{size} does not divide {n}")
+      raise ConfigError(f"{what}: {named} = {size} devices, but {n} are available ({why})")
+    note = f"{what} {named} uses the first {size} of {n} devices"
+  if model_config is not None:
+    t = sizes[2]
+    for name in ("num_heads", "num_kv_heads"):
+      heads = getattr(model_config, name)
+      if heads % t:
+        raise ConfigError(f"{what}: tensor={t} does not divide the model's {heads} "
+                          f"{'attention' if name == 'num_heads' else 'key/value'} heads")
+  return MeshPlan((sizes[0], sizes[1], sizes[2]), n, note)
+
+
 def make_train_mesh(plan: MeshPlan, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The concrete mesh of ``plan`` over the first ``plan.size`` of ``devices``."""
   devices = list(jax.devices() if devices is None else devices)
