@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import save_file
 
 from jaxent import config as C
-from jaxent import models, sampler
+from jaxent import models, sampler, sharding
 from tests._hf_tiny import FAMILIES, make_torch_model, torch_logits
 
 B, T, H, K, N = 3, 13, 4, 2, 8
@@ -68,14 +68,17 @@ def _masks():
 MASKS = _masks()
 
 
-def _value_and_grads(chunk):
-  def loss(q, k, v, mask, ct):
-    out = models.attention(q, k, v, mask, q_chunk=chunk)
-    return jnp.sum(out * ct), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-
-
-_WHOLE, _CHUNKED = _value_and_grads(0), _value_and_grads(CHUNK)
+@jax.jit
+def _outputs_and_grads(q, k, v, mask, ct):
+  """``{q_chunk: (out, (dq, dk, dv))}`` for the whole and the chunked path (one compile)."""
+  res = {}
+  for chunk in (0, CHUNK):
+    def loss(q, k, v, chunk=chunk):
+      out = models.attention(q, k, v, mask, q_chunk=chunk)
+      return jnp.sum(out * ct), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    res[chunk] = (out, grads)
+  return res
 
 
 @pytest.mark.parametrize("kind", sorted(MASKS))
@@ -89,8 +92,8 @@ def test_chunked_attention_matches_float64_reference_and_whole(kind):
   if kind != "causal":  # left-pad queries see no key: the uniform-softmax rule is exercised
     assert not mask.any(-1).all()
   ref = _ref_attention(q, k, v, mask, ct)
-  (_, out_c), grads_c = _CHUNKED(q, k, v, mask, ct)
-  (_, out_w), grads_w = _WHOLE(q, k, v, mask, ct)
+  res = _outputs_and_grads(q, k, v, mask, ct)
+  (out_c, grads_c), (out_w, grads_w) = res[CHUNK], res[0]
   for name, got, want, whole in zip(("out", "dq", "dk", "dv"), (out_c, *grads_c), ref,
                                     (out_w, *grads_w)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{kind} {name} vs f64")
@@ -137,9 +140,9 @@ def qwen2(tmp_path_factory):
   return tm, m.replace(config=m.config.replace(attention_chunk=4))
 
 
-def _left_padded(t=12):
-  tokens = np.random.RandomState(5).randint(0, 160, (B, t)).astype(np.int32)
-  mask = (np.arange(t)[None, :] >= t - np.array([t, 9, 5])[:, None]).astype(np.int32)
+def _left_padded(t=12, lengths=(12, 9, 5)):
+  tokens = np.random.RandomState(5).randint(0, 160, (len(lengths), t)).astype(np.int32)
+  mask = (np.arange(t)[None, :] >= t - np.array(lengths)[:, None]).astype(np.int32)
   return tokens * mask, mask
 
 
@@ -163,6 +166,23 @@ def test_model_logits_and_cached_prefill_match_transformers(qwen2):
   scans = lambda c: str(jax.make_jaxpr(  # noqa: E731
       lambda p: models.apply(c, p, tokens, pos, attention_mask=mask))(m.params)).count("scan[")
   assert scans(cfg) > scans(cfg.replace(attention_chunk=0))
+
+
+def test_chunked_forward_on_a_mesh_matches_transformers(qwen2):
+  # Chunks of queries under GSPMD: batch over data x fsdp, heads over tensor.
+  tm, m = qwen2
+  cfg = m.config
+  tokens, mask = _left_padded(lengths=(12, 9, 5, 1))
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  params = jax.device_put(m.params, models.param_shardings(cfg, mesh))
+  rows = sharding.named_sharding(mesh, ("batch", "seq"))
+  with jax.set_mesh(mesh):
+    logits, _ = jax.jit(models.apply, static_argnums=0)(
+        cfg, params, jax.device_put(tokens, rows), attention_mask=jax.device_put(mask, rows))
+  pos = np.array(models.default_positions(jnp.asarray(tokens), jnp.asarray(mask)))
+  ref = torch_logits(tm, tokens, attention_mask=mask, position_ids=pos)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], ref[real], rtol=1e-4, atol=2e-5)
 
 
 def test_param_gradients_chunked_under_remat_match_torch_autograd(qwen2, tmp_path):
