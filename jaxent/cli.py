@@ -76,6 +76,28 @@ def _setup_errors():
   return (ConfigError, DataError, SetupError)
 
 
+def _add_process_flags(g) -> None:
+  """The multi-process flags ``train`` and ``eval`` share."""
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, where the coordinator listens")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
+  g.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
+                 help="give up (exit 4) if the processes have not all joined by then "
+                      "(default JAXENT_INIT_TIMEOUT or 300)")
+
+
+def _join_processes(args: argparse.Namespace) -> int | None:
+  """Joins the hosts of a multi-process job (before JAX touches a device); an exit code on failure."""
+  from jaxent.train import _distributed
+  try:
+    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
+  except _distributed.DistributedError as e:
+    return _error(str(e))
+  return None
+
+
 def _add_train(sub) -> None:
   p = sub.add_parser("train", help="run RL training from a YAML config",
                      description="Train a policy with GRPO / Clip-Cov / KL-Cov from CONFIG.yaml.")
@@ -98,13 +120,7 @@ def _add_train(sub) -> None:
       "multi-process", "Several hosts run the same command. TPU pod slices and SLURM jobs are "
       "detected; otherwise give all three of these (or JAXENT_COORDINATOR, "
       "JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
-  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                 help="address of process 0, where the coordinator listens")
-  g.add_argument("--num-processes", type=int, default=None, metavar="N")
-  g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
-  g.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
-                 help="give up (exit 4) if the processes have not all joined by then "
-                      "(default JAXENT_INIT_TIMEOUT or 300)")
+  _add_process_flags(g)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -121,13 +137,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except bad as e:
       return _error(str(e))
     return EXIT_OK
-  from jaxent.train import _distributed
-  try:
-    # Before JAX touches a device: joins the hosts of a multi-process job.
-    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
-  except _distributed.DistributedError as e:
-    return _error(str(e))
+  err = _join_processes(args)
+  if err is not None:
+    return err
   import jax
   from jaxent.train import _build, _loop
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
@@ -220,13 +232,7 @@ def _add_eval(sub) -> None:
       "multi-process", "Every host runs the same command over one --mesh; process 0 grades and "
       "writes the report. TPU pod slices and SLURM jobs are detected; otherwise give all three "
       "of these (or JAXENT_COORDINATOR, JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
-  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                 help="address of process 0, where the coordinator listens")
-  g.add_argument("--num-processes", type=int, default=None, metavar="N")
-  g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
-  g.add_argument("--init-timeout", type=float, default=None, metavar="SECONDS",
-                 help="give up (exit 4) if the processes have not all joined by then "
-                      "(default JAXENT_INIT_TIMEOUT or 300)")
+  _add_process_flags(g)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -261,13 +267,9 @@ def _run_eval(args: argparse.Namespace) -> int:
       _eval.resolve_fields(b.path, b.settings.prompt_keys, b.settings.answer_keys)
   except bad + (ValueError,) as e:
     return _error(str(e))
-  from jaxent.train import _distributed
-  try:
-    # Before JAX touches a device: joins the hosts of a multi-process job.
-    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
-  except _distributed.DistributedError as e:
-    return _error(str(e))
+  err = _join_processes(args)
+  if err is not None:
+    return err
   import jax
   main = jax.process_index() == 0
   if main:
