@@ -1,6 +1,7 @@
 """Prompt datasets: validation and counting, tokenization, shuffling, process
 sharding, exact resume; the generated arithmetic task and its tokenizer."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -263,6 +264,23 @@ def test_make_prompt_iterator_from_config(tmp_path):
   recs = [json.loads(l) for l in open(path)]
   for ids, ans, idx in zip(b.prompt_ids, b.answers, b.indices):
     assert TOK.decode(ids) == recs[idx]["prompt"] and ans == recs[idx]["answer"]
+
+
+def test_write_jsonl_is_atomic(tmp_path, monkeypatch):
+  task = A.ArithmeticTask()
+  path = task.write_jsonl(tmp_path / "train.jsonl", 8, seed=0)
+  before = open(path).read()
+  good = task.examples(8, seed=1)
+
+  def broken(*a, **kw):           # dies after two rows, as a full disk would
+    yield from good[:2]
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(A.ArithmeticTask, "examples", broken)
+  with pytest.raises(OSError):
+    task.write_jsonl(path, 8, seed=1)
+  assert open(path).read() == before                      # the old file, whole
+  assert sorted(os.listdir(tmp_path)) == ["train.jsonl"]  # no temporary left behind
 
 
 # --- the arithmetic task -----------------------------------------------------

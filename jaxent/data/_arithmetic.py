@@ -134,11 +134,23 @@ class ArithmeticTask:
 
   def write_jsonl(self, path: str | os.PathLike, n: int, *, seed: int,
                   split: str = "train", unique: bool = True) -> str:
-    """Writes ``examples(...)`` as JSONL (the format ``load_prompts`` reads)."""
+    """Writes ``examples(...)`` as JSONL (the format ``load_prompts`` reads).
+
+    Atomically: the rows go to a temporary file beside ``path``, renamed over
+    it when complete, so a reader (another process, a resumed run) never sees
+    a half-written file and a failed write leaves the old file as it was.
+    """
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-      for rec in self.examples(n, seed=seed, split=split, unique=unique):
-        f.write(json.dumps(rec) + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        for rec in self.examples(n, seed=seed, split=split, unique=unique):
+          f.write(json.dumps(rec) + "\n")
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.lexists(tmp):
+        os.remove(tmp)
+      raise
     return path
 
 
