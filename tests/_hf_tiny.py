@@ -62,3 +62,39 @@ def torch_logits(model, tokens, attention_mask=None, position_ids=None):
     kw["position_ids"] = torch.as_tensor(position_ids, dtype=torch.long)
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
+
+
+def assert_remat_grads_match_torch(tm, m, tokens, mask, directory) -> None:
+  """Gradients of ``Σ mask · log p(token 1)`` under ``jax.checkpoint`` equal torch autograd's.
+
+  torch's gradients are mapped to jaxent's layout by writing them as a
+  checkpoint (``directory``) and loading it with ``models.from_pretrained``
+  (a tied ``lm_head.weight`` is left out: it is the embedding's gradient).
+  """
+  import os
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  from jaxent import models
+  tm.zero_grad()
+  logits = tm(torch.as_tensor(tokens, dtype=torch.long),
+              attention_mask=torch.as_tensor(mask)).logits
+  (torch.log_softmax(logits, -1)[..., 1] * torch.as_tensor(mask)).sum().backward()
+  grads = {k: p.grad.numpy() for k, p in tm.state_dict(keep_vars=True).items()
+           if not (k == "lm_head.weight" and tm.config.tie_word_embeddings)}
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    f.write(tm.config.to_json_string())
+  save_file(grads, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  ref = models.from_pretrained(directory).params
+
+  def loss(params, cfg):
+    logits, _ = models.apply(cfg, params, tokens, attention_mask=mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 1] * mask)
+
+  g = jax.jit(jax.grad(loss), static_argnums=1)(m.params, m.config.replace(remat=True))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
+                               err_msg=jax.tree_util.keystr(path))

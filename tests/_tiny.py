@@ -56,3 +56,26 @@ def random_batch(vocab_size: int, b: int, p: int, r: int, seed: int = 0) -> Batc
   old = (np.log(rng.uniform(0.02, 0.2, size=(b, r))) * mask).astype(np.float32)
   return Batch(tokens=tokens, positions=pos, attention_mask=attn, response_mask=mask, advantages=adv,
                old_log_prob=old, ref_log_prob=np.zeros((b, r), np.float32))
+
+
+def save_char_model(path, vocab, *, eos_id: int, seed: int, **arch) -> str:
+  """A tiny random Qwen2 HF directory with a one-token-per-character tokenizer.
+
+  ``vocab`` lists the tokens (``vocab[0]`` the unknown token, ``vocab[eos_id]``
+  the EOS); text is split into single characters and decoded without spaces.
+  ``arch`` sets ``models.ModelConfig`` fields beyond the shared defaults.
+  """
+  from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  from jaxent import models
+  t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
+  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  t.decoder = decoders.Fuse()
+  tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token=vocab[0], eos_token=vocab[eos_id])
+  kw = dict(model_type="qwen2", vocab_size=len(vocab), hidden_size=32, num_layers=1,
+            intermediate_size=64, eos_token_id=eos_id)
+  kw.update(arch)
+  models.save_pretrained(models.init_model(models.ModelConfig(**kw), seed=seed), str(path),
+                         tokenizer=tok)
+  return str(path)

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
 from jaxent import config as C
 from jaxent import models, sampler, sharding
-from tests._hf_tiny import FAMILIES, make_torch_model, torch_logits
+from tests._hf_tiny import (FAMILIES, assert_remat_grads_match_torch, make_torch_model,
+                             torch_logits)
 
 B, T, H, K, N = 3, 13, 4, 2, 8
 CHUNK = 5  # 13 = 2 chunks of 5 + a tail of 3
@@ -190,23 +190,7 @@ def test_param_gradients_chunked_under_remat_match_torch_autograd(qwen2, tmp_pat
   # torch autograd mapped to our layout by writing them as a checkpoint and loading it.
   tm, m = qwen2
   tokens, mask = _left_padded()
-  tm.zero_grad()
-  logits = tm(torch.as_tensor(tokens, dtype=torch.long),
-              attention_mask=torch.as_tensor(mask)).logits
-  (torch.log_softmax(logits, -1)[..., 1] * torch.as_tensor(mask)).sum().backward()
-  grads = {k: p.grad.numpy() for k, p in tm.state_dict(keep_vars=True).items()}
-  (tmp_path / "config.json").write_text(tm.config.to_json_string())
-  save_file(grads, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-  ref = models.from_pretrained(tmp_path).params
-
-  def loss(params, cfg):
-    logits, _ = models.apply(cfg, params, tokens, attention_mask=mask)
-    return jnp.sum(jax.nn.log_softmax(logits)[..., 1] * mask)
-
-  g = jax.jit(jax.grad(loss), static_argnums=1)(m.params, m.config.replace(remat=True))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
-                               err_msg=jax.tree_util.keystr(path))
+  assert_remat_grads_match_torch(tm, m, tokens, mask, tmp_path)
 
 
 def test_sampler_greedy_with_chunked_prefill_matches_transformers(qwen2):

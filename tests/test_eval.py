@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxent import cli, data, models, sampler
+from jaxent import cli, data, sampler
 from jaxent.train import _eval as E
+from tests._tiny import save_char_model
 
 # One character a token: a decoded response splits back into its tokens.
 WORDS = ["<unk>", "</s>"] + [str(d) for d in range(10)] + ["+", "-", "*"]
@@ -133,21 +134,8 @@ def test_field_aliases_and_missing_fields(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  from tokenizers import Tokenizer, models as tmodels
-  from transformers import PreTrainedTokenizerFast
-  # One token per character, decoded without spaces (load_tokenizer keeps tokenizer.json's
-  # pre-tokenizer and decoder; a bare WordLevel would read "3+4" as one unknown word).
-  from tokenizers import decoders, pre_tokenizers
-  t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  t.decoder = decoders.Fuse()
-  tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>")
-  cfg = models.ModelConfig(model_type="qwen2", vocab_size=len(WORDS), hidden_size=32, num_layers=1,
-                           num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
-                           tie_word_embeddings=True, eos_token_id=EOS)
-  out = str(tmp_path_factory.mktemp("hf") / "tiny")
-  models.save_pretrained(models.init_model(cfg, seed=1), out, tokenizer=tok)
-  return out
+  return save_char_model(tmp_path_factory.mktemp("hf") / "tiny", WORDS, eos_id=EOS, seed=1,
+                         num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True)
 
 
 PROBLEMS = [("3+4", "7"), ("1+1", 2), ("5*4-11", "9")]

@@ -26,7 +26,7 @@ from jaxent import config as C
 from jaxent.train import _eval as E
 from jaxent.train._checkpoint import Checkpointer
 from jaxent.train._step import init_state, make_optimizer
-from tests._tiny import loop_config
+from tests._tiny import loop_config, save_char_model
 from tests.test_eval import EOS, WORDS, _read_jsonl, _write
 
 # 16 tokens, so tensor=2 also splits the vocabulary (untied head).
@@ -46,19 +46,8 @@ VOLATILE = {"time_s", "mesh", "processes", "model", "batch_size"}  # checked apa
 
 @pytest.fixture(scope="module")
 def hf16(tmp_path_factory):
-  from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  # One token per character, decoded without spaces (as tests/test_eval.py's tokenizer).
-  t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  t.decoder = decoders.Fuse()
-  tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>")
-  cfg = models.ModelConfig(model_type="qwen2", vocab_size=len(VOCAB), hidden_size=32, num_layers=1,
-                           num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
-                           tie_word_embeddings=False, eos_token_id=EOS)
-  out = str(tmp_path_factory.mktemp("hf16") / "tiny")
-  models.save_pretrained(models.init_model(cfg, seed=3), out, tokenizer=tok)
-  return out
+  return save_char_model(tmp_path_factory.mktemp("hf16") / "tiny", VOCAB, eos_id=EOS, seed=3,
+                         num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from jaxent import models, ops, sharding
-from tests._hf_tiny import FAMILIES, make_torch_model, torch_logits
+from tests._hf_tiny import (FAMILIES, assert_remat_grads_match_torch, make_torch_model,
+                             torch_logits)
 
 B, T = 3, 12
 RTOL, ATOL = 1e-4, 2e-5
@@ -255,24 +256,7 @@ def test_remat_gradients_match_torch_autograd(tmp_path, tmp_path_factory):
   # layout by writing them as a checkpoint and loading it.
   tm, path, m = _ckpt("smollm2", tmp_path_factory)
   tokens, mask, _ = _left_padded(9)
-  tm.zero_grad()
-  logits = tm(torch.as_tensor(tokens, dtype=torch.long),
-              attention_mask=torch.as_tensor(mask)).logits
-  (torch.log_softmax(logits, -1)[..., 1] * torch.as_tensor(mask)).sum().backward()
-  grads = {k: p.grad.numpy() for k, p in tm.state_dict(keep_vars=True).items()
-           if k != "lm_head.weight"}
-  shutil.copy(os.path.join(path, "config.json"), tmp_path)
-  save_file(grads, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-  ref = models.from_pretrained(tmp_path).params
-
-  def loss(params, cfg):
-    logits, _ = models.apply(cfg, params, tokens, attention_mask=mask)
-    return jnp.sum(jax.nn.log_softmax(logits)[..., 1] * mask)
-
-  g = jax.jit(jax.grad(loss), static_argnums=1)(m.params, m.config.replace(remat=True))
-  for (path_, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
-                               err_msg=jax.tree_util.keystr(path_))
+  assert_remat_grads_match_torch(tm, m, tokens, mask, tmp_path)
 
 
 def test_logical_axes_shard_forward_on_mesh(tmp_path_factory):

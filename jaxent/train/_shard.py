@@ -92,20 +92,13 @@ def plan_mesh(cfg: Config, num_devices: int, *, process_count: int = 1,
   """
   m = cfg.mesh
   sizes = [m.data, m.fsdp, m.tensor]
-  named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
-  if sizes.count(-1) > 1:
-    raise ConfigError(f"mesh: at most one axis may be -1, got {named}")
+  named = _named(sizes)
   n = int(num_devices)
   micro = micro_batch_rows(cfg)
   note = None
-  if -1 in sizes:
-    i = sizes.index(-1)
-    known = math.prod(s for s in sizes if s != -1)
-    if n % known:
-      raise ConfigError(f"mesh: {named}: the fixed axes use {known} devices, which does not "
-                        f"divide the {n} available devices")
-    full = n // known
-    sizes[i] = full
+  i = _fill_free_axis(sizes, n, "mesh")
+  if i is not None:
+    full = sizes[i]
     if i < 2 and process_count == 1:
       other = sizes[1 - i]
       fit = next(d for d in _divisors_desc(full) if micro % (d * other) == 0 or d == 1)
@@ -114,14 +107,8 @@ def plan_mesh(cfg: Config, num_devices: int, *, process_count: int = 1,
         note = (f"mesh.{AXES[i]}=-1 resolved to {fit}, not {full}: a micro-batch of {micro} rows "
                 f"does not split over {full * other} batch shards; using {math.prod(sizes)} of "
                 f"{n} devices")
-  size = math.prod(sizes)
-  if size != n:
-    if process_count > 1 or n % size:
-      why = ("with several processes the mesh must use every device" if process_count > 1 and
-             n % size == 0 else f"{size} does not divide {n}")
-      raise ConfigError(f"mesh: {named} = {size} devices, but {n} are available ({why})")
-    if note is None:
-      note = f"mesh {named} uses the first {size} of {n} devices"
+  uses_fewer = _check_device_count(sizes, n, process_count, "mesh", named)
+  note = note or uses_fewer
   d, f, t = sizes
   plan = MeshPlan((d, f, t), n, note)
   b = plan.batch_shards
@@ -136,12 +123,7 @@ def plan_mesh(cfg: Config, num_devices: int, *, process_count: int = 1,
   if cfg.rollout.prompts_per_step % process_count:
     raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts do not "
                       f"split over {process_count} processes")
-  if model_config is not None:
-    for name in ("num_heads", "num_kv_heads"):
-      heads = getattr(model_config, name)
-      if heads % t:
-        raise ConfigError(f"mesh.tensor: {t} does not divide the model's {heads} "
-                          f"{'attention' if name == 'num_heads' else 'key/value'} heads")
+  _check_tensor_heads(model_config, t, f"mesh.tensor: {t}")
   return plan
 
 
@@ -163,34 +145,57 @@ def plan_shape(sizes: Sequence[int], num_devices: int, *, process_count: int = 1
   for a, s in zip(AXES, sizes):
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not (s == -1 or s >= 1):
       raise ConfigError(f"{what}: {a}={s!r}; an axis size must be an int >= 1 or -1")
-  named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
-  if sizes.count(-1) > 1:
-    raise ConfigError(f"{what}: at most one axis may be -1, got {named}")
   n = int(num_devices)
-  if -1 in sizes:
-    i = sizes.index(-1)
-    known = math.prod(s for s in sizes if s != -1)
-    if n % known:
-      raise ConfigError(f"{what}: {named}: the fixed axes use {known} devices, which does not "
-                        f"divide the {n} available devices")
-    sizes[i] = n // known
-  size = math.prod(sizes)
-  named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
-  note = None
-  if size != n:
-    if process_count > 1 or n % size:
-      why = ("with several processes the mesh must use every device" if process_count > 1 and
-             n % size == 0 else f"{size} does not divide {n}")
-      raise ConfigError(f"{what}: {named} = {size} devices, but {n} are available ({why})")
-    note = f"{what} {named} uses the first {size} of {n} devices"
-  if model_config is not None:
-    t = sizes[2]
-    for name in ("num_heads", "num_kv_heads"):
-      heads = getattr(model_config, name)
-      if heads % t:
-        raise ConfigError(f"{what}: tensor={t} does not divide the model's {heads} "
-                          f"{'attention' if name == 'num_heads' else 'key/value'} heads")
+  _fill_free_axis(sizes, n, what)
+  note = _check_device_count(sizes, n, process_count, what, _named(sizes))
+  _check_tensor_heads(model_config, sizes[2], f"{what}: tensor={sizes[2]}")
   return MeshPlan((sizes[0], sizes[1], sizes[2]), n, note)
+
+
+def _named(sizes: Sequence[int]) -> str:
+  return " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+
+
+def _fill_free_axis(sizes: list, n: int, what: str) -> int | None:
+  """Gives the one ``-1`` axis of ``sizes`` (in place) the devices the others leave.
+
+  Returns its index, or None when no axis is ``-1``.
+  """
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"{what}: at most one axis may be -1, got {_named(sizes)}")
+  if -1 not in sizes:
+    return None
+  i = sizes.index(-1)
+  known = math.prod(s for s in sizes if s != -1)
+  if n % known:
+    raise ConfigError(f"{what}: {_named(sizes)}: the fixed axes use {known} devices, which does "
+                      f"not divide the {n} available devices")
+  sizes[i] = n // known
+  return i
+
+
+def _check_device_count(sizes, n: int, process_count: int, what: str, named: str) -> str | None:
+  """None when the mesh uses all ``n`` devices; a note when, with one process, it uses the first
+  of them; else a ``ConfigError`` with the numbers."""
+  size = math.prod(sizes)
+  if size == n:
+    return None
+  if process_count > 1 or n % size:
+    why = ("with several processes the mesh must use every device" if process_count > 1 and
+           n % size == 0 else f"{size} does not divide {n}")
+    raise ConfigError(f"{what}: {named} = {size} devices, but {n} are available ({why})")
+  return f"{what} {named} uses the first {size} of {n} devices"
+
+
+def _check_tensor_heads(model_config, t: int, prefix: str) -> None:
+  """``tensor`` must divide the attention and key/value heads."""
+  if model_config is None:
+    return
+  for name in ("num_heads", "num_kv_heads"):
+    heads = getattr(model_config, name)
+    if heads % t:
+      raise ConfigError(f"{prefix} does not divide the model's {heads} "
+                        f"{'attention' if name == 'num_heads' else 'key/value'} heads")
 
 
 def make_train_mesh(plan: MeshPlan, devices: Sequence[jax.Device] | None = None) -> Mesh:
