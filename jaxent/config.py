@@ -38,10 +38,18 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfigSection:
   path: str | None = None          # local Hugging Face checkpoint directory (config.json, tokenizer, safetensors)
   arch: Mapping[str, Any] | None = None  # or: jaxent.models.ModelConfig fields for a randomly initialised model
-  dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype
+  dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (activations, KV cache; logits stay float32)
+  # storage dtype of the parameters and Adam state; null = dtype. float32 with dtype bfloat16:
+  # bfloat16 matmuls over float32 master weights (small lr steps are not rounded away)
+  param_dtype: Literal["float32", "bfloat16"] | None = None
   remat: bool = False              # rematerialise each layer in the backward pass (saves activation memory)
   attention_chunk: int = 512       # longer sequences attend this many queries at a time (same result, chunk x S memory); 0 = whole
   init_seed: int = 0               # seed of the random init when `arch` is given
+
+  @property
+  def storage_dtype(self) -> str:
+    """``param_dtype``, or ``dtype`` when it is not set."""
+    return self.param_dtype or self.dtype
 
   def validate(self, key: str = "model") -> None:
     _check((self.path is None) != (self.arch is None), key,

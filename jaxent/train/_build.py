@@ -37,9 +37,10 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
       raise SetupError(f"model.path: {mc.path} is not a directory")
     try:
       if weights:
-        model = models.from_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
+        model = models.from_pretrained(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
+                                       mesh=mesh)
       else:
-        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype,
+        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
                                   attention_chunk=mc.attention_chunk)
         model = models.Model(params=models.param_shapes(mcfg), config=mcfg)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -59,7 +60,7 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   arch = dict(mc.arch or {})
   arch.setdefault("vocab_size", tok.vocab_size)
   arch.setdefault("dtype", mc.dtype)
-  arch.setdefault("param_dtype", mc.dtype)
+  arch.setdefault("param_dtype", mc.storage_dtype)
   arch.setdefault("remat", mc.remat)
   arch.setdefault("attention_chunk", mc.attention_chunk)
   try:

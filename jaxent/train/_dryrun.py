@@ -58,7 +58,7 @@ def model_config(cfg: Config):
   mc = cfg.model
   if mc.path is not None:
     try:
-      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.dtype, remat=mc.remat,
+      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype, remat=mc.remat,
                                 attention_chunk=mc.attention_chunk)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot read the model config in {mc.path}: {e}") from e
@@ -69,7 +69,7 @@ def model_config(cfg: Config):
   arch = dict(mc.arch or {})
   arch.setdefault("vocab_size", arithmetic.CharTokenizer().vocab_size)
   arch.setdefault("dtype", mc.dtype)
-  arch.setdefault("param_dtype", mc.dtype)
+  arch.setdefault("param_dtype", mc.storage_dtype)
   arch.setdefault("remat", mc.remat)
   arch.setdefault("attention_chunk", mc.attention_chunk)
   try:
