@@ -156,7 +156,9 @@ def _run_train(args: argparse.Namespace) -> int:
   try:
     comps = _build.build_components(cfg, data_dir, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    res = _loop.train(cfg, run_dir, comps, resume=args.resume)
+    # The CLI needs the loaded parameters only to start: train() drops them
+    # once the train state holds its copy (one parameter share per device less).
+    res = _loop.train(cfg, run_dir, comps, resume=args.resume, release_params=True)
   except bad as e:
     return _error(str(e))
   except _loop.TrainingError as e:

@@ -154,6 +154,18 @@ def test_bfloat16_compute_over_float32_master_weights(tmp_path):
   assert C.from_dict(BASE, ["model.dtype=bfloat16"]).model.storage_dtype == "bfloat16"
 
 
+def test_release_params_frees_the_loaded_parameters(tmp_path):
+  import gc
+  import weakref
+  cfg = C.from_dict(BASE, ["train.steps=1", "train.eval_every=0", "train.ckpt_every=0"])
+  comps = _build.build_components(cfg, str(tmp_path / "run"))
+  refs = [weakref.ref(x) for x in jax.tree.leaves(comps.params)]
+  res = _loop.train(cfg, str(tmp_path / "run"), comps, release_params=True)
+  gc.collect()
+  assert comps.params is None and len(res.history) == 1
+  assert all(r() is None for r in refs)      # no copy of the loaded weights outlives the start
+
+
 def test_pass_at_k_against_brute_force():
   from itertools import combinations
   rng = np.random.default_rng(0)

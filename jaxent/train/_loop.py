@@ -146,7 +146,8 @@ def _slice_rows(batch: Batch, start: int, stop: int) -> Batch:
 
 
 def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
-          is_main: bool | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          is_main: bool | None = None, on_step: Callable[[dict], None] | None = None,
+          release_params: bool = False) -> TrainResult:
   """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md.
 
   The run is one SPMD program over the mesh of ``cfg.mesh`` (see
@@ -155,6 +156,10 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   (``jax.distributed``), every process runs this function: each reads its own
   prompts (``comps.prompts``), grades its own responses, and the global batch
   is assembled on every host; only ``is_main`` (process 0) writes files.
+
+  ``release_params``: set ``comps.params`` to None once the train state holds
+  its copy, so the loaded parameters do not stay alive for the whole run (the
+  CLI does; a caller that reuses ``comps`` leaves it False).
   """
   is_main = jax.process_index() == 0 if is_main is None else is_main
   plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
@@ -188,6 +193,10 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   state_sh = _shard.state_shardings(comps.model_config, tx, mesh)
   state = _shard.init_train_state(comps.params, tx, jax.random.fold_in(base_key, 1), state_sh)
   ref_params = _shard.place(comps.params, state_sh.params) if cfg.loss.ref_kl_coef > 0 else None
+  if release_params:
+    # The train state (and the reference policy) hold copies: the loaded
+    # parameters need not stay alive beside them for the whole run.
+    comps.params = None
   n_proc, proc = jax.process_count(), jax.process_index()
 
   # Every file of the run resolves inside run_dir (a symlink out of it is refused).
