@@ -1,6 +1,7 @@
 """jaxent.models against the transformers PyTorch models on tiny random checkpoints."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -277,8 +278,16 @@ def test_logical_axes_shard_forward_on_mesh(tmp_path_factory):
   tokens = _tokens(10, b=4)
   with jax.set_mesh(mesh):
     tok = jax.device_put(tokens, sharding.named_sharding(mesh, ("batch", "seq")))
-    logits, _ = jax.jit(models.apply, static_argnums=0)(cfg, params, tok)
+    f = jax.jit(models.apply, static_argnums=0)
+    logits, _ = f(cfg, params, tok)
+    hlo = f.lower(cfg, params, tok).compile().as_text()
   np.testing.assert_allclose(np.asarray(logits), np.asarray(m(tokens)), rtol=1e-5, atol=1e-5)
+  # The embedding lookup keeps the activations split by rows: no device gathers the whole
+  # [B, T, D] batch (an embed-sharded table made XLA replicate it: "involuntary full
+  # rematerialization").
+  b, t = tokens.shape
+  whole_batch = re.compile(rf"= \w+\[{b},{t},\d+\]\S* all-gather\(")
+  assert not [l for l in hlo.splitlines() if whole_batch.search(l)]
 
 
 def test_model_call_does_not_recompile(qwen2):

@@ -231,7 +231,12 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Ar
     mask = causal[None] & valid[:, None, :]
     kv = (cache.k, cache.v)
 
-  x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dt)
+  # The table's rows stay split over "vocab" but its columns are gathered first
+  # (one all-gather over fsdp, like every layer's weights): a lookup from an
+  # embed-sharded table yields embed-sharded rows, which XLA can only turn into
+  # batch-sharded activations by replicating the whole [B, T, D] on every device.
+  table = constrain(params["embed"]["embedding"], ("vocab", None))
+  x = jnp.take(table, tokens, axis=0).astype(dt)
   x = constrain(x, ("batch", "seq", "act_embed"))
   cos, sin = rope_angles(cfg, positions)
   block = Block(cfg)
