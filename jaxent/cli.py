@@ -281,14 +281,14 @@ def _run_eval(args: argparse.Namespace) -> int:
   results, samples = [], []
   try:
     mesh, note = _eval.eval_mesh(model_path, mesh_shape, dtype=args.dtype)
-    if main:
+    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype, mesh=mesh)
+    if main:  # after the load, so a model that cannot be loaded gives one error line
       if note:
         print(f"jaxent eval: {note}", file=sys.stderr)
       where = ("one device" if mesh is None else
                " x ".join(f"{a}={s}" for a, s in mesh.shape.items()) + f" = {mesh.size} devices")
       print(f"jaxent eval: generating on {where} ({jax.process_count()} process"
             f"{'es' if jax.process_count() > 1 else ''})", file=sys.stderr)
-    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype, mesh=mesh)
     skip = not (cfg is not None and cfg.data.task == "arithmetic")
     for b in benches:
       out = _eval.evaluate_benchmark(

@@ -6,6 +6,7 @@ benchmark files named like the public copies (aime24.jsonl, math500.jsonl),
 graded by the real math grader.
 """
 import json
+import os
 import re
 
 import jax
@@ -260,3 +261,15 @@ def test_cli_bad_input_exit_2(hf_dir, bench_dir, capsys, argv, match):
   err = capsys.readouterr().err
   assert err.startswith("jaxent: error:") and len(err.strip().splitlines()) == 1
   assert re.search(match, err), err
+
+
+def test_cli_model_that_cannot_load_is_one_error_line(hf_dir, bench_dir, tmp_path, capsys):
+  import shutil
+  broken = tmp_path / "noweights"
+  broken.mkdir()
+  shutil.copy(os.path.join(hf_dir, "config.json"), broken)   # a config, no weights
+  assert cli.main(["eval", str(broken), "--data", os.path.join(bench_dir, "aime24.jsonl")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxent: error:") and len(err.strip().splitlines()) == 1, err
+  assert "safetensors" in err, err
+
