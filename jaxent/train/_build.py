@@ -22,6 +22,35 @@ class SetupError(RuntimeError):
   """The run cannot start; the message says which input is at fault."""
 
 
+def model_config(cfg: Config):
+  """The run's ``models.ModelConfig``, without weights (``config.json`` only for ``model.path``).
+
+  Fields that are not in ``config.json`` (``dtype``, ``param_dtype``,
+  ``remat``, ``attention_chunk``) come from the run config's ``model:`` section.
+  """
+  mc = cfg.model
+  jaxent_fields = dict(dtype=mc.dtype, param_dtype=mc.storage_dtype, remat=mc.remat,
+                       attention_chunk=mc.attention_chunk)
+  if mc.path is not None:
+    if not os.path.isdir(mc.path):
+      raise SetupError(f"model.path: {mc.path} is not a directory")
+    try:
+      return models.load_config(mc.path, **jaxent_fields)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise SetupError(f"model.path: cannot read the model config in {mc.path}: {e}") from e
+  if cfg.data.task != "arithmetic":
+    raise SetupError("model.arch builds a random model without a tokenizer; use it with "
+                     "data.task=arithmetic, or give model.path (a HF directory with a tokenizer)")
+  arch = dict(mc.arch or {})
+  arch.setdefault("vocab_size", data_lib.arithmetic.CharTokenizer().vocab_size)
+  for name, value in jaxent_fields.items():
+    arch.setdefault(name, value)
+  try:
+    return models.ModelConfig(**arch)
+  except (TypeError, ValueError) as e:
+    raise SetupError(f"model.arch: {e}") from e
+
+
 def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   """(model, tokenizer) from ``model.path`` or ``model.arch``.
 
@@ -32,44 +61,29 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   ``jax.ShapeDtypeStruct``s (e.g. the target of a checkpoint restore).
   """
   mc = cfg.model
-  if mc.path is not None:
+  if not weights:
+    mcfg = model_config(cfg)
+    model = models.Model(params=models.param_shapes(mcfg), config=mcfg)
+  elif mc.path is None:
+    model = models.init_model(model_config(cfg), seed=mc.init_seed)
+  else:
     if not os.path.isdir(mc.path):
       raise SetupError(f"model.path: {mc.path} is not a directory")
     try:
-      if weights:
-        model = models.from_pretrained(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
-                                       mesh=mesh)
-      else:
-        mcfg = models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
-                                  attention_chunk=mc.attention_chunk)
-        model = models.Model(params=models.param_shapes(mcfg), config=mcfg)
+      model = models.from_pretrained(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
+                                     mesh=mesh)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
-    try:
-      tok = models.load_tokenizer(mc.path)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-      raise SetupError(f"model.path: no usable tokenizer in {mc.path}: {e}") from e
     # jaxent-only fields (not in config.json) come from the run config.
     model = model.replace(config=model.config.replace(
         remat=model.config.remat or mc.remat, attention_chunk=mc.attention_chunk))
-    return model, tok
-  if cfg.data.task != "arithmetic":
-    raise SetupError("model.arch builds a random model without a tokenizer; use it with "
-                     "data.task=arithmetic, or give model.path (a HF directory with a tokenizer)")
-  tok = data_lib.arithmetic.CharTokenizer()
-  arch = dict(mc.arch or {})
-  arch.setdefault("vocab_size", tok.vocab_size)
-  arch.setdefault("dtype", mc.dtype)
-  arch.setdefault("param_dtype", mc.storage_dtype)
-  arch.setdefault("remat", mc.remat)
-  arch.setdefault("attention_chunk", mc.attention_chunk)
+  if mc.path is None:
+    return model, data_lib.arithmetic.CharTokenizer()
   try:
-    mcfg = models.ModelConfig(**arch)
-  except TypeError as e:
-    raise SetupError(f"model.arch: {e}") from e
-  if not weights:
-    return models.Model(params=models.param_shapes(mcfg), config=mcfg), tok
-  return models.init_model(mcfg, seed=mc.init_seed), tok
+    tok = models.load_tokenizer(mc.path)
+  except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    raise SetupError(f"model.path: no usable tokenizer in {mc.path}: {e}") from e
+  return model, tok
 
 
 def arithmetic_files(cfg: Config, directory: str, *, num_train: int = 50_000) -> tuple[str, str]:
@@ -100,15 +114,10 @@ def train_mesh(cfg: Config):
   layout (the loop's copy onto the mesh is then device-local).
   A config that does not fit the devices raises ``ConfigError`` here.
   """
-  mc = cfg.model
-  if mc.path is None or not os.path.isdir(mc.path):
-    return None  # random init is small; a missing path is reported by load_policy
-  try:
-    mcfg = models.load_config(mc.path, dtype=mc.dtype)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
+  if cfg.model.path is None:
+    return None  # random init is small
   plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
-                          model_config=mcfg)
+                          model_config=model_config(cfg))
   return _shard.make_train_mesh(plan)
 
 

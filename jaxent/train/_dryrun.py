@@ -35,7 +35,7 @@ from jaxent.config import Config, ConfigError
 from jaxent.rollout import bucket_length
 from jaxent.sharding import AXES
 from jaxent.train import _shard
-from jaxent.train._build import SetupError
+from jaxent.train._build import SetupError, model_config
 from jaxent.train._step import StepSpec, jit_train_step, make_optimizer
 from jaxent.types import Batch, TrainState
 
@@ -51,31 +51,6 @@ class DryRunReport:
   per_device: dict[str, float]     # estimated bytes per device
   compiled: dict[str, int] | None  # XLA memory analysis (bytes per device) when compiled
   notes: list[str]
-
-
-def model_config(cfg: Config):
-  """The ``ModelConfig`` of the run, without weights (``config.json`` only for ``model.path``)."""
-  mc = cfg.model
-  if mc.path is not None:
-    try:
-      return models.load_config(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype, remat=mc.remat,
-                                attention_chunk=mc.attention_chunk)
-    except (FileNotFoundError, ValueError, OSError) as e:
-      raise SetupError(f"model.path: cannot read the model config in {mc.path}: {e}") from e
-  if cfg.data.task != "arithmetic":
-    raise SetupError("model.arch builds a random model without a tokenizer; use it with "
-                     "data.task=arithmetic, or give model.path")
-  from jaxent.data import arithmetic
-  arch = dict(mc.arch or {})
-  arch.setdefault("vocab_size", arithmetic.CharTokenizer().vocab_size)
-  arch.setdefault("dtype", mc.dtype)
-  arch.setdefault("param_dtype", mc.storage_dtype)
-  arch.setdefault("remat", mc.remat)
-  arch.setdefault("attention_chunk", mc.attention_chunk)
-  try:
-    return models.ModelConfig(**arch)
-  except (TypeError, ValueError) as e:
-    raise SetupError(f"model.arch: {e}") from e
 
 
 def _bytes_per_device(struct, shardings, sizes: dict[str, int]) -> float:

@@ -44,7 +44,7 @@ from jaxent import models, rewards, sampler
 from jaxent.config import Config, ConfigError
 from jaxent.sharding import AXES
 from jaxent.train import _shard
-from jaxent.train._build import SetupError, load_policy
+from jaxent.train._build import SetupError, load_policy, model_config
 
 # Rows per sampler call and row shard (data x fsdp) when no batch size is given.
 DEFAULT_ROWS_PER_SHARD = 64
@@ -602,8 +602,7 @@ def model_config_of(path: str, dtype: str = "float32"):
   """(model config, run config or None) of a HF or run directory; reads no weights."""
   if os.path.isfile(os.path.join(path, "config.yaml")):
     cfg = _read_run_config(path)
-    model, _ = load_policy(cfg, weights=False)
-    return model.config, cfg
+    return model_config(cfg), cfg
   if os.path.isfile(os.path.join(path, "config.json")):
     try:
       return models.load_config(path, dtype=dtype), None
