@@ -76,8 +76,11 @@ def _setup_errors():
   return (ConfigError, DataError, SetupError)
 
 
-def _add_process_flags(g) -> None:
-  """The multi-process flags ``train`` and ``eval`` share."""
+def _add_process_flags(p: argparse.ArgumentParser, how: str) -> None:
+  """The "multi-process" flags ``train`` and ``eval`` share; ``how`` says what the hosts do."""
+  g = p.add_argument_group(
+      "multi-process", f"{how} TPU pod slices and SLURM jobs are detected; otherwise give all "
+      "three of these (or JAXENT_COORDINATOR, JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
   g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                  help="address of process 0, where the coordinator listens")
   g.add_argument("--num-processes", type=int, default=None, metavar="N")
@@ -116,11 +119,7 @@ def _add_train(sub) -> None:
                       "ahead-of-time compilation (e.g. v5p:4x4x4, needs libtpu)")
   p.add_argument("--platform", default=None, choices=("tpu", "cuda", "rocm", "cpu"),
                  help="--dry-run: platform to lower for when the mesh is not here (default tpu)")
-  g = p.add_argument_group(
-      "multi-process", "Several hosts run the same command. TPU pod slices and SLURM jobs are "
-      "detected; otherwise give all three of these (or JAXENT_COORDINATOR, "
-      "JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
-  _add_process_flags(g)
+  _add_process_flags(p, "Several hosts run the same command.")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -230,11 +229,8 @@ def _add_eval(sub) -> None:
   p.add_argument("--out", default=None, help="write the report (a JSON list, one per benchmark)")
   p.add_argument("--samples-out", default=None, metavar="PATH",
                  help="write every response with its reward as JSONL")
-  g = p.add_argument_group(
-      "multi-process", "Every host runs the same command over one --mesh; process 0 grades and "
-      "writes the report. TPU pod slices and SLURM jobs are detected; otherwise give all three "
-      "of these (or JAXENT_COORDINATOR, JAXENT_NUM_PROCESSES, JAXENT_PROCESS_ID).")
-  _add_process_flags(g)
+  _add_process_flags(p, "Every host runs the same command over one --mesh; process 0 grades and "
+                        "writes the report.")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
