@@ -12,6 +12,10 @@ from jaxent.types import Batch
 # A 1-layer Qwen2 for loop tests on the generated arithmetic task.
 TINY_ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
              "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 64, "tie_word_embeddings": True}
+# A 1-layer Qwen2 with two 16-wide heads: the model of the loop and reliability tests' own configs.
+TWO_HEAD_ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                 "num_kv_heads": 1, "head_dim": 16, "intermediate_size": 64,
+                 "tie_word_embeddings": True}
 LOOP_BASE = {
     "name": "tiny",
     "model": {"arch": TINY_ARCH},

@@ -10,12 +10,11 @@ import yaml
 from jaxent import cli
 from jaxent import config as C
 from jaxent.train import _build, _eval, _loop
+from tests._tiny import TWO_HEAD_ARCH
 
-ARCH = {"model_type": "qwen2", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-        "head_dim": 16, "intermediate_size": 64, "tie_word_embeddings": True}
 BASE = {
     "name": "tiny",
-    "model": {"arch": ARCH},
+    "model": {"arch": TWO_HEAD_ARCH},
     "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
     "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
                 "reward": "arithmetic_exact"},
