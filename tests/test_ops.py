@@ -76,6 +76,31 @@ def test_masked_sum_and_mean_ignore_nan_and_inf_in_values_and_grads():
   assert np.all(np.asarray(g)[~mask] == 0)
 
 
+def test_centered_products_match_float64_numpy_and_ignore_masked_nan_and_inf():
+  # The means are sums of x·m (the mask as float32), redone as selects only
+  # when that sum is not finite: a masked NaN or inf must give the same bits
+  # as clean padding, and valid values that overflow must stay inf.
+  rng = np.random.default_rng(3)
+  lp = (-rng.exponential(1.5, (8, 33))).astype(np.float32)
+  a = np.repeat(rng.normal(size=(8, 1)), 33, axis=1).astype(np.float32)
+  mask = np.arange(33)[None] < rng.integers(0, 34, size=(8, 1))
+  f = jax.jit(ops.centered_products)
+  cov, n = f(lp, a, mask)
+  lp64, a64 = lp.astype(np.float64), a.astype(np.float64)
+  want = (a64 - a64[mask].mean()) * (lp64 - lp64[mask].mean()) * mask
+  np.testing.assert_allclose(cov, want, rtol=2e-5, atol=1e-6)
+  assert int(n) == mask.sum()
+  for bad_lp, bad_a in [(np.nan, np.inf), (-np.inf, np.nan), (np.inf, -np.inf)]:
+    got, got_n = f(np.where(mask, lp, bad_lp), np.where(mask, a, bad_a), mask)
+    np.testing.assert_array_equal(got, cov)
+    assert int(got_n) == int(n)
+  big = np.where(mask, np.float32(3e38), 0).astype(np.float32)
+  over, _ = f(lp, big, mask)               # Σ A overflows: inf mean, as a select sum gives
+  sel_sum = jnp.sum(jnp.where(mask, big, 0))
+  assert not np.isfinite(float(sel_sum))
+  assert not np.all(np.isfinite(np.asarray(over)[mask]))
+
+
 # ---------------------------------------------------------------- aggregate
 @functools.partial(jax.jit, static_argnames=("with_norm",))
 def _all_modes(x, mask, num_tokens, num_seqs, max_len, with_norm=True):

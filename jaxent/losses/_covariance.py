@@ -157,7 +157,7 @@ def _candidates_cov_count(log_prob, old_log_prob, advantages, valid, *, cov_lb, 
   lp = jnp.where(valid, upcast(log_prob), 0)
   old = jnp.where(valid, upcast(old_log_prob), 0)
   _, l1, l2 = ppo_clipped(lax.stop_gradient(lp), old, a, clip_low, clip_high)
-  cov, n_valid = _covariance_and_count(lp, a, valid)
+  cov, n_valid = _covariance_and_count(log_prob, advantages, valid)
   cand = valid & ~(l2 > l1) & (cov > cov_lb) & (cov < cov_ub)
   return cand, cov, n_valid
 

@@ -7,6 +7,8 @@ sends a zero cotangent to the unselected branch.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +46,9 @@ def count_valid(valid: jax.Array, axis=None, *, keepdims: bool = False) -> jax.A
   last = valid.ndim - 1
   if last not in axes:
     return jnp.sum(valid, axis=axis, keepdims=keepdims, dtype=jnp.int32)
-  rows = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32).astype(jnp.int32)
+  # astype first: jnp.sum(bool, dtype=f32) converts through int32, a second
+  # [B, T] copy that XLA would not share with other users of the f32 mask.
+  rows = jnp.sum(valid.astype(jnp.float32), axis=-1, keepdims=True).astype(jnp.int32)
   out = jnp.sum(rows, axis=axes, keepdims=True) if len(axes) > 1 else rows
   return out if keepdims else jnp.squeeze(out, axis=axes)
 
@@ -83,12 +87,32 @@ def centered_products(log_prob: jax.Array, advantages: jax.Array,
     int32.
   """
   valid = as_valid(mask)
-  lp = jnp.where(valid, upcast(log_prob), 0)
-  a = jnp.where(valid, upcast(advantages).astype(lp.dtype), 0)
+  lp = upcast(log_prob)
+  a = upcast(advantages).astype(lp.dtype)
   n_valid = count_valid(valid)
   n = jnp.maximum(n_valid, 1).astype(lp.dtype)
-  cov = jnp.where(valid, (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n), 0)
+  sum_a, sum_lp = _masked_sums((a, lp), valid)
+  cov = jnp.where(valid, (a - sum_a / n) * (lp - sum_lp / n), 0)
   return cov, n_valid
+
+
+def _masked_sums(xs: tuple[jax.Array, ...], valid: jax.Array) -> tuple[jax.Array, ...]:
+  """``Σ x·M`` for each ``x``, without writing a masked copy of ``x``.
+
+  Same values as ``masked_sum``. XLA:CPU's reduction kernels absorb a
+  product with the float mask but not a select, so ``Σ where(M, x, 0)``
+  writes the selected array out and reads it back; ``Σ x·m`` with ``m`` the
+  mask in float32 reads ``x`` and ``m`` once (``m`` is the array the valid
+  count already sums). The barrier keeps XLA from rewriting the product
+  back into a select. A masked NaN or inf makes the product sum non-finite;
+  only then are the sums redone as selects, so masked values still never
+  reach the result.
+  """
+  m = jax.lax.optimization_barrier(valid.astype(xs[0].dtype))
+  fast = tuple(jnp.sum(x * m) for x in xs)
+  finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in fast])
+  return jax.lax.cond(finite, lambda xs: fast,
+                      lambda xs: tuple(jnp.sum(jnp.where(valid, x, 0)) for x in xs), xs)
 
 
 def check_agg(agg: str) -> None:
