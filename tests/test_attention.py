@@ -19,6 +19,7 @@ import torch
 
 from jaxent import config as C
 from jaxent import models, sampler, sharding
+
 from tests._hf_tiny import (FAMILIES, assert_remat_grads_match_torch, make_torch_model,
                              torch_logits)
 
@@ -98,6 +99,51 @@ def test_chunked_attention_matches_float64_reference_and_whole(kind):
                                     (out_w, *grads_w)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{kind} {name} vs f64")
     np.testing.assert_allclose(got, whole, rtol=RTOL, atol=ATOL, err_msg=f"{kind} {name} vs whole")
+
+
+def test_cache_spans_are_static_prefixes_ending_at_the_cache_size():
+  assert models.cache_spans(80) == (16, 32, 48, 64, 80)
+  assert models.cache_spans(9216) == tuple(range(1152, 9217, 1152))
+  assert models.cache_spans(16) == (16,) and models.cache_spans(1) == (1,)
+  assert models.cache_spans(17) == (16, 17)
+  for slots in range(1, 300):
+    spans = models.cache_spans(slots)
+    assert spans[-1] == slots and len(spans) <= 8 and list(spans) == sorted(set(spans))
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_cached_attention_reads_only_the_written_prefix(t):
+  # A stacked cache of 80 slots (spans 16, 32, ..., 80) with queries at slots
+  # live-t .. live-1. Slots past the chosen span hold NaN: whole-cache attention
+  # would return NaN (0 * NaN), so a finite result equal to the float64
+  # reference over the first `live` slots shows they were never read. Slots
+  # between `live` and the span hold large finite garbage (read, probability 0).
+  layers, s, layer = 3, 80, 1
+  rng = np.random.RandomState(t)
+  q = rng.randn(B, t, H, N).astype(np.float32)
+  traces = []
+
+  @jax.jit
+  def run(q, ck, cv, mask, live):
+    traces.append(1)
+    return models.cached_attention(q, ck, cv, jnp.int32(layer), mask, live)
+
+  for live in (t, 16, 17, 33, 64, 80):
+    span = next(x for x in (16, 32, 48, 64, 80) if x >= live)  # cache_spans(80)
+    ck, cv = rng.randn(2, layers, B, s, K, N).astype(np.float32)
+    for c in (ck, cv):
+      c[:, :, live:span] = 1e30
+      c[:, :, span:] = np.nan
+    kv_valid = rng.rand(B, s) < 0.7
+    kv_valid[:, 0] = True                      # every query sees a key
+    slots = live - t + np.arange(t)
+    mask = (np.arange(s)[None, :] <= slots[:, None])[None] & kv_valid[:, None, :]
+    got = run(q, ck, cv, mask, jnp.int32(live))
+    want = _ref_attention(q, ck[layer, :, :live], cv[layer, :, :live], mask[..., :live],
+                          np.zeros_like(q))[0]
+    assert np.isfinite(np.asarray(got)).all(), live
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"live={live}")
+  assert len(traces) == 1  # live is traced: one compile for every position
 
 
 def test_bad_arguments_name_themselves():

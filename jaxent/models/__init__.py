@@ -3,7 +3,7 @@
 Pure functions over a params pytree for jit (``apply``, ``init_cache``) and a
 thin ``Model`` (config + params) for eager use. See docs/MODELS.md.
 """
-from jaxent.models._attention import attention
+from jaxent.models._attention import attention, cache_spans, cached_attention
 from jaxent.models._config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig
 from jaxent.models._hf import (
     from_pretrained,
@@ -37,6 +37,8 @@ __all__ = [
     "apply",
     "apply_rope",
     "attention",
+    "cache_spans",
+    "cached_attention",
     "cache_logical_axes",
     "default_positions",
     "from_pretrained",

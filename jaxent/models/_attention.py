@@ -36,8 +36,22 @@ rather than its sequence lengths, and its result for a query with no
 visible key is not the uniform softmax above. A caller computing in
 bfloat16 on GPU could route ``attention`` there when ``mask`` is causal with
 right padding; that is the place to add it (and to test it on a GPU).
+
+Attention over a KV cache (``cached_attention``) reads only a prefix of the
+``S`` slots. Slot ``s`` is visible only once written (``s < index + T``), so
+the slots past the write position hold probability exactly 0; a decode
+step at position ``i`` of a cache sized for a long response would
+otherwise read all ``S`` slots of every layer (at 8k-token RL responses
+most of them empty, and the KV reads are what bounds decoding on an
+accelerator). The prefix is one of a few static lengths (``cache_spans``),
+the smallest that covers ``index + T``, chosen with ``lax.switch``: shapes
+stay static, and a step reads at most one span step (``S / 8``) more than
+it needs. The numbers equal whole-cache attention up to float32 summation
+order.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +131,56 @@ def attention(q: jax.Array, keys: jax.Array, vals: jax.Array, mask: jax.Array, *
     last = _attend_rows_remat(qg[:, nc * c:], keys, vals, mask, jnp.int32(nc * c))
     out = jnp.concatenate([out, last], axis=1)
   return out.reshape(b, t, h, n)
+
+
+# At most this many static prefix lengths per cache size (one lax.switch
+# branch each), each a multiple of _SPAN_ALIGN slots.
+_MAX_SPANS = 8
+_SPAN_ALIGN = 16
+
+
+def cache_spans(slots: int) -> tuple[int, ...]:
+  """The static prefix lengths ``cached_attention`` chooses among for ``slots`` slots.
+
+  Increasing multiples of a step of ``ceil(slots / 8)`` rounded up to 16
+  slots, ending at ``slots``: e.g. 80 slots -> (16, 32, 48, 64, 80), 9216 ->
+  (1152, 2304, ..., 9216); 16 slots or fewer -> (slots,).
+  """
+  step = _SPAN_ALIGN * math.ceil(math.ceil(slots / _MAX_SPANS) / _SPAN_ALIGN)
+  return tuple(range(step, slots, step)) + (slots,)
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
+                     mask: jax.Array, live: jax.Array, *, q_chunk: int = 0) -> jax.Array:
+  """``attention`` of ``q`` over layer ``layer`` of a stacked cache, first ``live`` slots only.
+
+  Args:
+    q: ``[B, T, H, N]`` queries, compute dtype.
+    cache_k, cache_v: ``[L, B, S, K, N]`` stacked caches (any float dtype;
+      cast to ``q``'s).
+    layer: int32 scalar, the layer to read.
+    mask: bool ``[B | 1, T, S]``; every slot at or past ``live`` must be
+      False (it is for a causal cache mask: the queries sit before ``live``).
+    live: int32 scalar, the number of slots that can be visible
+      (``index + T``).
+    q_chunk: as in ``attention``.
+
+  Returns:
+    ``[B, T, H, N]``; equal to ``attention`` over all ``S`` slots up to float32
+    summation order. The layer's keys and values are sliced inside each
+    branch, so only the chosen prefix is read (and, on CPU, copied).
+  """
+  spans = cache_spans(cache_k.shape[2])
+
+  def over(span):
+    def run(q, cache_k, cache_v, layer, mask):
+      read = lambda c: lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)[:, :span]  # noqa: E731
+      return attention(q, read(cache_k).astype(q.dtype), read(cache_v).astype(q.dtype),
+                       mask[..., :span], q_chunk=q_chunk)
+    return run
+
+  operands = (q, cache_k, cache_v, layer, mask)
+  if len(spans) == 1:
+    return over(spans[0])(*operands)
+  which = jnp.sum(jnp.asarray(spans[:-1], jnp.int32) < live)  # smallest span >= live
+  return lax.switch(which, [over(s) for s in spans], *operands)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxent.models._attention import attention
+from jaxent.models._attention import attention, cached_attention
 from jaxent.models._config import ModelConfig
 from jaxent.sharding import constrain
 
@@ -147,13 +147,14 @@ class Block(nn.Module):
       ck = lax.dynamic_update_slice(ck, kk[None].astype(ck.dtype), (layer, 0, index, 0, 0))
       cv = lax.dynamic_update_slice(cv, vv[None].astype(cv.dtype), (layer, 0, index, 0, 0))
       kv = (ck, cv)
-      keys = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(dt)
-      vals = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(dt)
+      # Only the written prefix of the cache (slots < index + T, in a few static
+      # lengths) is read: the rest has probability 0.
+      att = cached_attention(q, ck, cv, layer, mask, index + q.shape[1],
+                             q_chunk=cfg.attention_chunk)
     else:
-      keys, vals = kk, vv
-    # Whole [B, K, G, T, S] scores, or queries cfg.attention_chunk at a time when
-    # T exceeds it (same numbers, q_chunk x S memory; the decode step's T = 1 is whole).
-    att = attention(q, keys, vals, mask, q_chunk=cfg.attention_chunk)
+      # Whole [B, K, G, T, S] scores, or queries cfg.attention_chunk at a time when
+      # T exceeds it (same numbers, q_chunk x S memory).
+      att = attention(q, kk, vv, mask, q_chunk=cfg.attention_chunk)
     att = constrain(att, ("batch", "seq", "heads", "head_dim"))
     wo = self._p("o_kernel", (h, n, d), w_init)
     out = jnp.einsum("BTHN,HND->BTD", att, wo.astype(dt))
