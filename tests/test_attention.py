@@ -146,6 +146,20 @@ def test_cached_attention_reads_only_the_written_prefix(t):
   assert len(traces) == 1  # live is traced: one compile for every position
 
 
+def test_cached_attention_branches_on_cpu_and_tpu_and_reads_the_whole_cache_on_gpu():
+  # XLA:GPU would copy a conditional's branch index to the host every layer and
+  # step, so the GPU lowering keeps whole-cache attention: no 16-slot prefix of
+  # the layer's keys appears in its program, while CPU and TPU slice one.
+  q = jnp.zeros((2, 1, 4, 8))
+  cache = jnp.zeros((3, 2, 80, 2, 8))
+  mask = jnp.ones((2, 1, 80), bool)
+  f = jax.jit(lambda q, ck, cv, m, live: models.cached_attention(q, ck, cv, jnp.int32(1), m, live))
+  prefix = "tensor<2x16x2x8xf32>"                                 # keys[:, :16] of one layer
+  for platform, sliced in (("cpu", True), ("tpu", True), ("cuda", False)):
+    text = jax.export.export(f, platforms=[platform])(q, cache, cache, mask, jnp.int32(5))
+    assert (prefix in text.mlir_module()) == sliced, platform
+
+
 def test_bad_arguments_name_themselves():
   q = jnp.zeros((1, 4, 4, 8))
   kv = jnp.zeros((1, 4, 2, 8))

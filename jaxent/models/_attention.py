@@ -47,7 +47,10 @@ accelerator). The prefix is one of a few static lengths (``cache_spans``),
 the smallest that covers ``index + T``, chosen with ``lax.switch``: shapes
 stay static, and a step reads at most one span step (``S / 8``) more than
 it needs. The numbers equal whole-cache attention up to float32 summation
-order.
+order. This runs on CPU and TPU, which branch on the device; on GPU, XLA
+executes a conditional by copying the branch index to the host and waiting,
+a host round trip per layer and decode step, so there the whole cache is
+read (a length-aware decode kernel would be the GPU's way to the same end).
 """
 from __future__ import annotations
 
@@ -168,7 +171,8 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
   Returns:
     ``[B, T, H, N]``; equal to ``attention`` over all ``S`` slots up to float32
     summation order. The layer's keys and values are sliced inside each
-    branch, so only the chosen prefix is read (and, on CPU, copied).
+    branch, so only the chosen prefix is read (and, on CPU, copied). On GPU
+    all ``S`` slots are read (see the module docstring).
   """
   spans = cache_spans(cache_k.shape[2])
 
@@ -179,8 +183,16 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
                        mask[..., :span], q_chunk=q_chunk)
     return run
 
-  operands = (q, cache_k, cache_v, layer, mask)
+  whole = over(spans[-1])
   if len(spans) == 1:
-    return over(spans[0])(*operands)
-  which = jnp.sum(jnp.asarray(spans[:-1], jnp.int32) < live)  # smallest span >= live
-  return lax.switch(which, [over(s) for s in spans], *operands)
+    return whole(q, cache_k, cache_v, layer, mask)
+
+  def prefix(q, cache_k, cache_v, layer, mask, live):
+    which = jnp.sum(jnp.asarray(spans[:-1], jnp.int32) < live)  # smallest span >= live
+    return lax.switch(which, [over(s) for s in spans], q, cache_k, cache_v, layer, mask)
+
+  # XLA:GPU runs a conditional by copying its branch index to the host and
+  # waiting for it: one host round trip per layer and step. There the whole
+  # cache is read, as before; CPU and TPU branch on the device.
+  return lax.platform_dependent(q, cache_k, cache_v, layer, mask, live, cpu=prefix, tpu=prefix,
+                                default=lambda *a: whole(*a[:-1]))
