@@ -106,13 +106,21 @@ def _masked_sums(xs: tuple[jax.Array, ...], valid: jax.Array) -> tuple[jax.Array
   count already sums). The barrier keeps XLA from rewriting the product
   back into a select. A masked NaN or inf makes the product sum non-finite;
   only then are the sums redone as selects, so masked values still never
-  reach the result.
+  reach the result. Other platforms sum the selects directly.
   """
-  m = jax.lax.optimization_barrier(valid.astype(xs[0].dtype))
-  fast = tuple(jnp.sum(x * m) for x in xs)
-  finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in fast])
-  return jax.lax.cond(finite, lambda xs: fast,
-                      lambda xs: tuple(jnp.sum(jnp.where(valid, x, 0)) for x in xs), xs)
+  def selects(*xs):
+    return tuple(jnp.sum(jnp.where(valid, x, 0)) for x in xs)
+
+  def products(*xs):
+    m = jax.lax.optimization_barrier(valid.astype(xs[0].dtype))
+    fast = tuple(jnp.sum(x * m) for x in xs)
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in fast])
+    return jax.lax.cond(finite, lambda xs: fast, lambda xs: selects(*xs), xs)
+
+  # Only XLA:CPU needs the detour. GPU and TPU compilers fuse the select into
+  # the reduction, and XLA:GPU would run the cond by copying its predicate to
+  # the host and waiting.
+  return jax.lax.platform_dependent(*xs, cpu=products, default=selects)
 
 
 def check_agg(agg: str) -> None:
