@@ -49,14 +49,15 @@ def main() -> None:
   w = {n: jnp.asarray(x) for n, x in w_np.items()}
   head = jnp.asarray(head_np)
 
+  def layer(x, wl):
+    q, k, vv = x @ wl["q"], x @ wl["k"], x @ wl["v"]
+    x = x + (q + jnp.tile(k, d // kv) + jnp.tile(vv, d // kv)) @ wl["o"]
+    h = jax.nn.silu(x @ wl["gate"]) * (x @ wl["up"])
+    return x + h @ wl["down"]
+
   @jax.jit
   def xla_step(x, w, head):
-    def layer(x, wl):
-      q, k, vv = x @ wl["q"], x @ wl["k"], x @ wl["v"]
-      x = x + (q + jnp.tile(k, d // kv) + jnp.tile(vv, d // kv)) @ wl["o"]
-      h = jax.nn.silu(x @ wl["gate"]) * (x @ wl["up"])
-      return x + h @ wl["down"], None
-    x, _ = jax.lax.scan(layer, x, w)
+    x, _ = jax.lax.scan(lambda x, wl: (layer(x, wl), None), x, w)
     return x @ head
 
   # The same chain over per-layer weight buffers (a Python loop, no stacked
@@ -68,10 +69,7 @@ def main() -> None:
   @jax.jit
   def xla_step_per_layer(x, w_layers, head):
     for wl in w_layers:
-      q, k, vv = x @ wl["q"], x @ wl["k"], x @ wl["v"]
-      x = x + (q + jnp.tile(k, d // kv) + jnp.tile(vv, d // kv)) @ wl["o"]
-      h = jax.nn.silu(x @ wl["gate"]) * (x @ wl["up"])
-      x = x + h @ wl["down"]
+      x = layer(x, wl)
     return x @ head
 
   tw = {n: torch.from_numpy(x.copy()) for n, x in w_np.items()}
