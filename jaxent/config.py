@@ -95,6 +95,10 @@ class RolloutConfig:
   # whole step's; a last, shorter chunk is padded to the same shape (no recompile); 0 = all at once
   prompts_per_generate: int = 0
   filter_groups: bool = False      # DAPO-style: drop groups whose rewards are all equal (zero advantage)
+  # DAPO dynamic sampling (with filter_groups): generate up to this many batches of
+  # prompts_per_step prompts per step and train on the first prompts_per_step groups whose
+  # rewards differ; all-equal groups fill any shortfall and are masked. 1 = no refill
+  max_gen_batches: int = 1
   reward: str = "math"             # reward function name (jaxent.rewards)
   reward_timeout_s: float = 5.0    # per-response grading time limit
   scale_by_std: bool = True        # GRPO std scaling (False = Dr.GRPO)
@@ -110,6 +114,9 @@ class RolloutConfig:
            f"must be in [0, rollout.prompts_per_step = {self.prompts_per_step}] "
            f"(0 generates all of a step's prompts at once), got {self.prompts_per_generate}")
     _check(self.reward_timeout_s > 0, f"{key}.reward_timeout_s", "must be > 0")
+    _check(self.max_gen_batches >= 1, f"{key}.max_gen_batches", "must be >= 1")
+    _check(self.max_gen_batches == 1 or self.filter_groups, f"{key}.max_gen_batches",
+           f"> 1 refills filtered groups, so it needs {key}.filter_groups = true")
 
 
 @dataclass(frozen=True)

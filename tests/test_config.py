@@ -15,6 +15,7 @@ def test_defaults_and_overrides_are_typed():
   assert cfg.loss.name == "kl_cov" and cfg.loss.ratio == pytest.approx(2e-3)
   assert isinstance(cfg.loss.dual_clip, float) and cfg.loss.dual_clip == 10.0
   assert cfg.train.micro_batches == 4 and cfg.rollout.filter_groups is True
+  assert cfg.rollout.max_gen_batches == 1             # default: no DAPO refill
   assert cfg.rollout.prompts_per_generate == 0        # default: a step's prompts in one sampler call
   ragged = C.from_dict(BASE, ["rollout.prompts_per_generate=5"])  # 32 = 6 x 5 + 2: ragged is fine
   assert ragged.rollout.prompts_per_generate == 5
@@ -48,6 +49,9 @@ def test_yaml_round_trip(tmp_path):
      "rollout.prompts_per_generate: must be in [0, rollout.prompts_per_step = 32]"),
     ("rollout.prompts_per_generate=33", "rollout.prompts_per_generate: must be in [0, "),
     ("rollout.prompts_per_generate=2.5", "rollout.prompts_per_generate: expected an integer"),
+    ("rollout.max_gen_batches=0", "rollout.max_gen_batches: must be >= 1"),
+    ("rollout.max_gen_batches=4", "rollout.max_gen_batches: > 1 refills filtered groups, so it needs "
+                                  "rollout.filter_groups = true"),
     ("train.progress=maybe", "train.progress: expected true or false"),
     ("nokeyvalue", "expected key=value"),
 ])

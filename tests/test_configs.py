@@ -33,6 +33,7 @@ COMMON = {
     "rollout.top_p": 1.0,
     "rollout.top_k": 0,                   # no top-k truncation
     "rollout.filter_groups": True,        # DAPO filtering of all-equal groups
+    "rollout.max_gen_batches": 10,        # ... refilled from up to 10 batches (max_num_gen_batches)
     "rollout.reward": "math",
     "rollout.scale_by_std": True,         # GRPO advantage
     "loss.agg": "token-mean",

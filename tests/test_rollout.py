@@ -53,6 +53,29 @@ def test_filter_groups_masks_uniform_groups_only():
   np.testing.assert_array_equal(b.response_mask[:3], mask[:3])
 
 
+def test_select_groups_keeps_unequal_groups_in_order_and_fills_with_equal_ones():
+  # Two generation batches of 3 groups x 2 samples; group g's rows are 2g, 2g+1.
+  prompts = [[10], [11], [12], [13], [14], [15]]
+  rewards = np.array([1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0, 1], np.float32)  # unequal: 1, 3, 5
+  toks = np.arange(12 * 2).reshape(12, 2)
+  mask = np.ones((12, 2), np.int32)
+  p, t, m, r, kept = rollout.select_groups(prompts, toks, mask, rewards, num_groups=3,
+                                           samples_per_prompt=2)
+  assert kept == 3 and p == [[11], [13], [15]]
+  np.testing.assert_array_equal(t, toks[[2, 3, 6, 7, 10, 11]])
+  np.testing.assert_array_equal(r, [0, 1, 1, 0, 0, 1])
+  # Four wanted, three unequal: the first equal group (0) fills the last place, then masked.
+  p, t, m, r, kept = rollout.select_groups(prompts, toks, mask, rewards, num_groups=4,
+                                           samples_per_prompt=2)
+  assert kept == 3 and p == [[11], [13], [15], [10]]
+  b, stats = rollout.assemble(p, t, m, r, samples_per_prompt=2, pad_id=PAD, filter_groups=True)
+  assert stats.filtered_groups == 1 and b.response_mask[6:].sum() == 0
+  with pytest.raises(ValueError, match="fewer than num_groups=7"):
+    rollout.select_groups(prompts, toks, mask, rewards, num_groups=7, samples_per_prompt=2)
+  with pytest.raises(ValueError, match="6 prompts x 2 samples"):
+    rollout.select_groups(prompts, toks[:10], mask, rewards, num_groups=3, samples_per_prompt=2)
+
+
 def test_bad_shapes_are_named():
   prompts, n, toks, mask, rewards = _case()
   with pytest.raises(ValueError, match="expected 2 prompts x 2 samples"):

@@ -1,13 +1,14 @@
 """The RL loop end to end on the generated task: run directory, metrics, exact resume, CLI."""
 import json
 import os
+import zlib
 
 import jax
 import numpy as np
 import pytest
 import yaml
 
-from jaxent import cli
+from jaxent import cli, rewards
 from jaxent import config as C
 from jaxent.train import _build, _eval, _loop
 from tests._tiny import TWO_HEAD_ARCH
@@ -113,6 +114,42 @@ def test_chunked_rollouts_train_and_resume_exactly(full_run):
   # Chunk i draws with fold_in(step key, i): other samples than the unchunked run's.
   assert [r["response_len_mean"] for r in rows] != [r["response_len_mean"] for r in _rows(full_dir)] \
       or [r["entropy"] for r in rows] != [r["entropy"] for r in _rows(full_dir)]
+
+
+def _coin_reward(response: str, answer: str) -> float:
+  """1 for a quarter of the responses, by a hash of the text: with 4 samples a group has
+  unequal rewards about 2/3 of the time, so DAPO's refill has work to do."""
+  return float(zlib.crc32(response.encode()) % 4 == 0)
+
+
+rewards.register_reward("test_coin", _coin_reward, isolated=False)
+
+
+def test_dapo_refill_trains_on_unequal_groups_and_resumes_exactly(tmp_path):
+  """rollout.max_gen_batches > 1: each step draws prompt batches until prompts_per_step
+  groups have unequal rewards (or the limit); stopping and resuming is exact."""
+  tmp = str(tmp_path)
+  dapo = ["rollout.reward=test_coin", "rollout.filter_groups=true", "rollout.max_gen_batches=3",
+          "train.eval_every=0"]
+  cfg = C.from_dict(BASE, dapo)
+  run_dir = os.path.join(tmp, "dapo")
+  comps = _build.build_components(cfg, run_dir)
+  res = _loop.train(cfg, run_dir, comps)
+  rows = _rows(run_dir)
+  gens = [r["gen_batches"] for r in rows]
+  assert all(1 <= g <= 3 for g in gens) and max(gens) > 1, gens
+  # Equal groups are trained on (masked) only when even 3 batches held fewer than 4 unequal ones.
+  assert all(r["filtered_groups"] == 0 or r["gen_batches"] == 3 for r in rows), rows
+  # Each generation batch took one batch of prompts from the data stream.
+  assert comps.prompts.get_state()["step"] == sum(gens)
+  _run(tmp, "dapo-split", dapo + ["train.steps=2"])
+  res2, dir2 = _run(tmp, "dapo-split", dapo, resume=True)
+  assert _strip(_rows(dir2)) == _strip(rows)
+  _assert_same_params(res, res2)
+  # Without refills the same settings draw one batch a step and mask the equal groups.
+  _, one_dir = _run(tmp, "dapo-one", dapo[:2])
+  assert all(r["gen_batches"] == 1 for r in _rows(one_dir))
+  assert sum(r["filtered_groups"] for r in _rows(one_dir)) >= sum(r["filtered_groups"] for r in rows)
 
 
 def test_export_and_eval_from_the_run(full_run, tmp_path):

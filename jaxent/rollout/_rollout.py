@@ -90,8 +90,7 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
   group_ids = np.arange(rows) // n
   seq_adv = np.asarray(adv_lib.grpo(jnp.asarray(rewards), jnp.asarray(group_ids), num_groups=num_prompts,
                                     eps=eps, scale_by_std=scale_by_std))
-  grouped = rewards.reshape(num_prompts, n)
-  uniform = np.all(grouped == grouped[:, :1], axis=1)
+  uniform = uniform_groups(rewards, n)
   filtered = int(uniform.sum()) if filter_groups else 0
   if filter_groups:
     resp_mask = resp_mask * np.repeat(~uniform, n)[:, None].astype(np.float32)
@@ -112,6 +111,43 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
       response_len_max=int(lengths.max()) if rows else 0, filtered_groups=filtered,
       truncated_frac=float((~has_eos).mean()))
   return batch, stats
+
+
+def uniform_groups(rewards: np.ndarray, samples_per_prompt: int) -> np.ndarray:
+  """bool ``[groups]``: the groups whose ``samples_per_prompt`` rewards are all equal."""
+  grouped = np.asarray(rewards).reshape(-1, samples_per_prompt)
+  return np.all(grouped == grouped[:, :1], axis=1)
+
+
+def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
+                  response_mask: np.ndarray, rewards: np.ndarray, *, num_groups: int,
+                  samples_per_prompt: int):
+  """DAPO dynamic sampling: ``num_groups`` groups, those with unequal rewards first.
+
+  The inputs are one or more generation batches concatenated in order (group
+  ``g`` = prompt ``g`` and rows ``g*n .. g*n+n-1``). The result keeps the
+  first ``num_groups`` groups whose rewards are not all equal, in generation
+  order; when there are fewer, the first all-equal groups fill the rest (in
+  their order), so the batch keeps its static shape and ``assemble(...,
+  filter_groups=True)`` masks them out as before.
+
+  Returns:
+    ``(prompts, response_tokens, response_mask, rewards, kept)`` for the chosen
+    groups, ``kept`` the number of them with unequal rewards.
+  """
+  n = samples_per_prompt
+  groups = len(prompts)
+  if np.shape(rewards) != (groups * n,) or len(response_tokens) != groups * n:
+    raise ValueError(f"select_groups: {groups} prompts x {n} samples, but {len(response_tokens)} "
+                     f"responses and rewards of shape {np.shape(rewards)}")
+  if groups < num_groups:
+    raise ValueError(f"select_groups: {groups} groups generated, fewer than num_groups={num_groups}")
+  uniform = uniform_groups(rewards, n)
+  order = np.concatenate([np.flatnonzero(~uniform), np.flatnonzero(uniform)])[:num_groups]
+  rows = (order[:, None] * n + np.arange(n)[None, :]).reshape(-1)
+  kept = int(np.sum(~uniform[order]))
+  return ([prompts[g] for g in order], np.asarray(response_tokens)[rows],
+          np.asarray(response_mask)[rows], np.asarray(rewards)[rows], kept)
 
 
 def to_device(batch: Batch, sharding: Any = None) -> Batch:

@@ -132,6 +132,26 @@ def generate_responses(policy: Policy, prompts: list[list[int]], ro: RolloutConf
   return np.concatenate(toks), np.concatenate(masks)
 
 
+def _generate_and_grade(policy: Policy, comps, ro: RolloutConfig, key, mesh, proc: int, n_proc: int):
+  """One generation batch: the next ``prompts_per_step`` prompts, their responses, rewards.
+
+  Returns ``(prompts, tokens, mask, rewards, reward_counters)``, every row of
+  every process (prompts and rewards gathered), so all processes take the
+  same refill decisions.
+  """
+  local_prompts, answers = next(comps.prompts)
+  prompts = _shard.gather_prompts(local_prompts)  # this process's prompts -> all of them
+  toks, mask = generate_responses(policy, prompts, ro, eos_id=comps.eos_id, key=key, mesh=mesh)
+  # Each process grades the responses to its own prompts (it holds their answers).
+  n_local = len(local_prompts) * ro.samples_per_prompt
+  mine = slice(proc * n_local, (proc + 1) * n_local) if n_proc > 1 else slice(None)
+  texts = _responses_text(toks[mine], mask[mine], comps.decode)
+  rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
+  rewards, reward_counters = comps.reward(texts, rep_answers)
+  rewards = _shard.gather_rows(np.asarray(rewards))
+  return prompts, toks, mask, rewards, _shard.sum_counters(reward_counters)
+
+
 @functools.lru_cache(maxsize=8)
 def _cov_stats_fn(mesh):
   """Covariance statistics of the whole rollout, from its mini-batches (replicated scalars)."""
@@ -233,19 +253,27 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       t0 = time.perf_counter()
       k = jax.random.fold_in(base_key, 1000 + step)  # per-step keys: resume reproduces them
       k_sample, k_eval = jax.random.split(k)
-      local_prompts, answers = next(comps.prompts)
-      prompts = _shard.gather_prompts(local_prompts)  # this process's prompts -> all of them
       # The sampler runs on the trainer's mesh and reads its (sharded) params.
       policy = Policy(comps.model_config, state.params)
-      toks, mask = generate_responses(policy, prompts, ro, eos_id=comps.eos_id, key=k_sample, mesh=mesh)
-      # Each process grades the responses to its own prompts (it holds their answers).
-      n_local = len(local_prompts) * ro.samples_per_prompt
-      mine = slice(proc * n_local, (proc + 1) * n_local) if n_proc > 1 else slice(None)
-      texts = _responses_text(toks[mine], mask[mine], comps.decode)
-      rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
-      rewards, reward_counters = comps.reward(texts, rep_answers)
-      rewards = _shard.gather_rows(np.asarray(rewards))
-      reward_counters = _shard.sum_counters(reward_counters)
+      # DAPO dynamic sampling: with filter_groups, more batches of prompts until
+      # prompts_per_step groups have unequal rewards (or max_gen_batches).
+      gens, kept = [], 0
+      for g in range(ro.max_gen_batches):
+        # Batch 0 uses the step's key itself (a run without refills draws as before).
+        key_g = k_sample if g == 0 else jax.random.fold_in(k_sample, g)
+        gens.append(_generate_and_grade(policy, comps, ro, key_g, mesh, proc, n_proc))
+        kept += int(np.sum(~rollout.uniform_groups(gens[-1][3], ro.samples_per_prompt)))
+        if not ro.filter_groups or kept >= ro.prompts_per_step:
+          break
+      prompts, toks, mask, rewards, _ = rollout.select_groups(
+          [p for x in gens for p in x[0]], np.concatenate([x[1] for x in gens]),
+          np.concatenate([x[2] for x in gens]), np.concatenate([x[3] for x in gens]),
+          num_groups=ro.prompts_per_step, samples_per_prompt=ro.samples_per_prompt)
+      reward_counters = dict(gens[0][4])
+      for x in gens[1:]:  # counts add up over the generation batches
+        for name, count in x[4].items():
+          numeric = isinstance(count, (int, float, np.number))
+          reward_counters[name] = reward_counters.get(name, 0) + count if numeric else count
       t_sample = time.perf_counter() - t0
 
       host_batch, stats = rollout.assemble(prompts, toks, mask, np.asarray(rewards), pad_id=comps.pad_id,
@@ -278,6 +306,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
       row["nonfinite_in_a_row"] = int(step_metrics[-1]["nonfinite_in_a_row"])
       row.update(cov)  # cov, cov_std, cov_p50 ... cov_frac_pos (diagnostics.token_covariance)
       row.update(dataclasses.asdict(stats))
+      row["gen_batches"] = len(gens)
       row.update({f"reward_{k}": v for k, v in reward_counters.items()})
       if comps.counters is not None:
         row.update({f"data_{k}": v for k, v in comps.counters().items()})
