@@ -64,12 +64,19 @@ def test_select_groups_keeps_unequal_groups_in_order_and_fills_with_equal_ones()
   assert kept == 3 and p == [[11], [13], [15]]
   np.testing.assert_array_equal(t, toks[[2, 3, 6, 7, 10, 11]])
   np.testing.assert_array_equal(r, [0, 1, 1, 0, 0, 1])
-  # Four wanted, three unequal: the first equal group (0) fills the last place, then masked.
+  # Four wanted, three unequal: the first equal group (0) fills the gap, in generation order,
+  # and assemble masks it.
   p, t, m, r, kept = rollout.select_groups(prompts, toks, mask, rewards, num_groups=4,
                                            samples_per_prompt=2)
-  assert kept == 3 and p == [[11], [13], [15], [10]]
+  assert kept == 3 and p == [[10], [11], [13], [15]]
   b, stats = rollout.assemble(p, t, m, r, samples_per_prompt=2, pad_id=PAD, filter_groups=True)
-  assert stats.filtered_groups == 1 and b.response_mask[6:].sum() == 0
+  assert stats.filtered_groups == 1 and b.response_mask[:2].sum() == 0 and b.response_mask[2:].all()
+  # All groups wanted (one generation batch, no refill): the batch comes back unchanged.
+  p, t, m, r, kept = rollout.select_groups(prompts, toks, mask, rewards, num_groups=6,
+                                           samples_per_prompt=2)
+  assert kept == 3 and p == prompts
+  np.testing.assert_array_equal(t, toks)
+  np.testing.assert_array_equal(r, rewards)
   with pytest.raises(ValueError, match="fewer than num_groups=7"):
     rollout.select_groups(prompts, toks, mask, rewards, num_groups=7, samples_per_prompt=2)
   with pytest.raises(ValueError, match="6 prompts x 2 samples"):

@@ -125,11 +125,13 @@ def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
   """DAPO dynamic sampling: ``num_groups`` groups, those with unequal rewards first.
 
   The inputs are one or more generation batches concatenated in order (group
-  ``g`` = prompt ``g`` and rows ``g*n .. g*n+n-1``). The result keeps the
-  first ``num_groups`` groups whose rewards are not all equal, in generation
-  order; when there are fewer, the first all-equal groups fill the rest (in
-  their order), so the batch keeps its static shape and ``assemble(...,
-  filter_groups=True)`` masks them out as before.
+  ``g`` = prompt ``g`` and rows ``g*n .. g*n+n-1``). The result holds the
+  first ``num_groups`` groups whose rewards are not all equal; when there are
+  fewer, the first all-equal groups fill the rest, so the batch keeps its
+  static shape and ``assemble(..., filter_groups=True)`` masks them out. The
+  chosen groups keep their generation order, so a single batch
+  (``num_groups`` = all of it) comes back unchanged and its masked groups
+  stay spread over the mini-batches as without refills.
 
   Returns:
     ``(prompts, response_tokens, response_mask, rewards, kept)`` for the chosen
@@ -143,7 +145,7 @@ def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
   if groups < num_groups:
     raise ValueError(f"select_groups: {groups} groups generated, fewer than num_groups={num_groups}")
   uniform = uniform_groups(rewards, n)
-  order = np.concatenate([np.flatnonzero(~uniform), np.flatnonzero(uniform)])[:num_groups]
+  order = np.sort(np.concatenate([np.flatnonzero(~uniform), np.flatnonzero(uniform)])[:num_groups])
   rows = (order[:, None] * n + np.arange(n)[None, :]).reshape(-1)
   kept = int(np.sum(~uniform[order]))
   return ([prompts[g] for g in order], np.asarray(response_tokens)[rows],
