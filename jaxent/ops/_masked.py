@@ -109,7 +109,7 @@ def _masked_sums(xs: tuple[jax.Array, ...], valid: jax.Array) -> tuple[jax.Array
   reach the result. Other platforms sum the selects directly.
   """
   def selects(*xs):
-    return tuple(jnp.sum(jnp.where(valid, x, 0)) for x in xs)
+    return tuple(masked_sum(x, valid) for x in xs)
 
   def products(*xs):
     m = jax.lax.optimization_barrier(valid.astype(xs[0].dtype))
