@@ -22,6 +22,18 @@ class SetupError(RuntimeError):
   """The run cannot start; the message says which input is at fault."""
 
 
+def _run_model_fields(cfg: Config) -> dict:
+  """The ``ModelConfig`` fields a ``config.json`` does not hold, from the run's ``model:``."""
+  mc = cfg.model
+  return dict(dtype=mc.dtype, param_dtype=mc.storage_dtype, remat=mc.remat,
+              attention_chunk=mc.attention_chunk)
+
+
+def _require_model_dir(path: str) -> None:
+  if not os.path.isdir(path):
+    raise SetupError(f"model.path: {path} is not a directory")
+
+
 def model_config(cfg: Config):
   """The run's ``models.ModelConfig``, without weights (``config.json`` only for ``model.path``).
 
@@ -29,11 +41,9 @@ def model_config(cfg: Config):
   ``remat``, ``attention_chunk``) come from the run config's ``model:`` section.
   """
   mc = cfg.model
-  jaxent_fields = dict(dtype=mc.dtype, param_dtype=mc.storage_dtype, remat=mc.remat,
-                       attention_chunk=mc.attention_chunk)
+  jaxent_fields = _run_model_fields(cfg)
   if mc.path is not None:
-    if not os.path.isdir(mc.path):
-      raise SetupError(f"model.path: {mc.path} is not a directory")
+    _require_model_dir(mc.path)
     try:
       return models.load_config(mc.path, **jaxent_fields)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -67,16 +77,14 @@ def load_policy(cfg: Config, mesh=None, *, weights: bool = True):
   elif mc.path is None:
     model = models.init_model(model_config(cfg), seed=mc.init_seed)
   else:
-    if not os.path.isdir(mc.path):
-      raise SetupError(f"model.path: {mc.path} is not a directory")
+    _require_model_dir(mc.path)
     try:
       model = models.from_pretrained(mc.path, dtype=mc.dtype, param_dtype=mc.storage_dtype,
                                      mesh=mesh)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise SetupError(f"model.path: cannot load {mc.path}: {e}") from e
     # jaxent-only fields (not in config.json) come from the run config.
-    model = model.replace(config=model.config.replace(
-        remat=model.config.remat or mc.remat, attention_chunk=mc.attention_chunk))
+    model = model.replace(config=model.config.replace(**_run_model_fields(cfg)))
   if mc.path is None:
     return model, data_lib.arithmetic.CharTokenizer()
   try:
