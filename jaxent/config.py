@@ -20,9 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A configuration that cannot be run; the message names the key."""
+from jaxent.errors import ConfigError
 
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")

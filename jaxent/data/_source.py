@@ -22,16 +22,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxent.errors import DataError
+
 _log = logging.getLogger(__name__)
 
 # Only the first few skipped rows are logged individually.
 _MAX_LOGGED = 5
 
 OVERLONG_MODES = ("skip", "truncate_left")
-
-
-class DataError(Exception):
-  """A dataset cannot be used: missing or unreadable file, or no valid rows."""
 
 
 @dataclasses.dataclass(frozen=True)

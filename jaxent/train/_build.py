@@ -13,13 +13,10 @@ import jax
 from jaxent import data as data_lib
 from jaxent import models, rewards
 from jaxent.config import Config
+from jaxent.errors import SetupError
 from jaxent.train import _shard
 from jaxent.train._checkpoint import run_path
 from jaxent.train._loop import Components
-
-
-class SetupError(RuntimeError):
-  """The run cannot start; the message says which input is at fault."""
 
 
 def _run_model_fields(cfg: Config) -> dict:

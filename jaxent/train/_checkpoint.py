@@ -32,23 +32,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxent.errors import RunDirError
+
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # absl status codes tensorstore puts at the start of an I/O error's message
 _IO_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|ABORTED|"
                         r"FAILED_PRECONDITION|NOT_FOUND|ALREADY_EXISTS|UNKNOWN|INTERNAL):")
 _OS_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
-class RunDirError(OSError):
-  """A file of the run cannot be written where it belongs; the message names the path.
-
-  An ``OSError``, so callers that handle I/O failures handle it; ``errno`` is
-  set when the underlying failure had one (``errno.ENOSPC`` for a full disk).
-  """
-
-  def __init__(self, message: str, code: int | None = None):
-    super().__init__(message)
-    self.errno = code
 
 
 def run_path(run_dir: str, *parts: str) -> str:

@@ -32,17 +32,14 @@ import sys
 import threading
 from typing import Mapping
 
+from jaxent.errors import EXIT_NO_COORDINATOR, DistributedError
+
 ENV_COORDINATOR = "JAXENT_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXENT_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXENT_PROCESS_ID"
 ENV_INIT_TIMEOUT = "JAXENT_INIT_TIMEOUT"
 
 DEFAULT_TIMEOUT_S = 300
-EXIT_NO_COORDINATOR = 4
-
-
-class DistributedError(ValueError):
-  """Inconsistent or incomplete multi-process settings (the message names them)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,13 +24,10 @@ import numpy as np
 
 from jaxent import diagnostics, rollout, sampler
 from jaxent.config import Config, RolloutConfig
+from jaxent.errors import TrainingError
 from jaxent.train import _checkpoint, _logging, _shard
 from jaxent.train._step import StepSpec, jit_logprobs, jit_train_step, make_optimizer
 from jaxent.types import Batch, TrainState
-
-
-class TrainingError(RuntimeError):
-  """The run cannot go on (the message says why); the last good checkpoint is kept."""
 
 
 class Policy(NamedTuple):
