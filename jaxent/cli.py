@@ -252,7 +252,8 @@ def _run_eval(args: argparse.Namespace) -> int:
   mesh_shape = None
   if args.mesh is not None:
     try:
-      mesh_shape = _eval.parse_mesh(args.mesh)
+      from jaxent import sharding
+      mesh_shape = sharding.parse_mesh(args.mesh)
     except ValueError as e:
       return _error(f"eval: --mesh {args.mesh!r}: {e}")
   overrides = {f: getattr(args, f) for f in _EVAL_SETTING_FLAGS}

@@ -214,7 +214,7 @@ class Config:
       v = getattr(self, f.name)
       if hasattr(v, "validate"):
         v.validate(f.name)
-    rows = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+    rows = self.rows_per_step
     mb = self.train.mini_batches
     _check(rows % mb == 0, "train.mini_batches",
            f"{mb} does not divide the {rows} responses per step "
@@ -222,6 +222,21 @@ class Config:
     _check((rows // mb) % self.train.micro_batches == 0, "train.micro_batches",
            f"{self.train.micro_batches} does not divide the mini-batch of {rows // mb} responses")
     return self
+
+  @property
+  def rows_per_step(self) -> int:
+    """Responses per RL step: ``rollout.prompts_per_step * rollout.samples_per_prompt``."""
+    return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+  @property
+  def mini_batch_rows(self) -> int:
+    """Rows of one optimizer update: ``rows_per_step / train.mini_batches``."""
+    return self.rows_per_step // self.train.mini_batches
+
+  @property
+  def micro_batch_rows(self) -> int:
+    """Rows of one gradient-accumulation chunk: ``mini_batch_rows / train.micro_batches``."""
+    return self.mini_batch_rows // self.train.micro_batches
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -10,12 +10,18 @@ A row is a left-padded prompt followed by the response::
   attention [ 0   0  1  1  1  |  1  1  1  1   0 ]
 
 so the logits at ``P - 1 + t`` predict response token ``t`` for every row.
+
+The device mesh has the axes ``MESH_AXES``; every ``Batch`` array is split
+by rows over ``BATCH_AXES`` (``data * fsdp`` row shards).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import jax
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over
 
 
 class Batch(NamedTuple):

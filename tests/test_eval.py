@@ -9,7 +9,6 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 

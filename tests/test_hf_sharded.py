@@ -143,7 +143,7 @@ def test_sharded_load_equals_unsharded_and_reads_only_shards(ckpt, shape, monkey
   assert flat.keys() == _flat(ref.params).keys()
   for name, x in flat.items():
     assert x.sharding == sh[name], name
-    assert x.sharding == _flat(_shard.param_shardings(ref.config, mesh))[name]  # the trainer's
+    assert x.sharding == _flat(models.param_shardings(ref.config, mesh))[name]  # the trainer's
   jax.tree.map(np.testing.assert_array_equal, m.params, ref.params)
   _check_slices_only(reads, m.params, sh)
   if shape == (2, 2, 2):  # this mesh really splits the heads and the embed dimension
@@ -290,9 +290,9 @@ def test_build_components_loads_onto_the_train_mesh(ckpt, tmp_path, monkeypatch)
   reads = Reads(monkeypatch)
   comps = _build.build_components(cfg, str(tmp_path / "run"))
   # the mesh train() plans (jaxent/train/_loop.py), and the train state's layout
-  plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
+  plan = sharding.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
                           model_config=comps.model_config)
-  mesh = _shard.make_train_mesh(plan)
+  mesh = plan.make_mesh()
   tx = make_optimizer(cfg.optim, 4)
   state_sh = _shard.state_shardings(comps.model_config, tx, mesh)
   psh = _flat(state_sh.params)

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxent import config as C
-from jaxent import models, sampler
+from jaxent import models, sampler, sharding
 from jaxent.config import LossConfig, OptimConfig
 from jaxent.sharding import make_mesh
 from jaxent.train import _build, _loop, _shard
@@ -78,7 +78,7 @@ def test_sharded_step_equals_single_device(shape, loss, micro):
   spec = S.StepSpec(model=CFG, loss=LOSSES[loss], micro_batches=micro)
   sh = _shard.state_shardings(CFG, TX, mesh)
   state = _shard.init_train_state(_params(), TX, KEY, sh)
-  batch = jax.device_put(_batch(), _shard.batch_sharding(mesh))
+  batch = jax.device_put(_batch(), sharding.batch_sharding(mesh))
   step = S.jit_train_step(spec, TX, mesh=mesh).lower(state, batch).compile(FAST)
   new, m = step(state, batch)
   assert state.params["layers"]["q_kernel"].is_deleted()     # the state was donated
@@ -156,22 +156,22 @@ def _cfg(**over):
 
 def test_plan_mesh_numbers_and_errors():
   cfg = _cfg(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-  assert _shard.plan_mesh(cfg, 8).shape == (2, 2, 2) and _shard.plan_mesh(cfg, 8).note is None
+  assert sharding.plan_mesh(cfg, 8).shape == (2, 2, 2) and sharding.plan_mesh(cfg, 8).note is None
   # 16 rows / 2 mini / 2 micro = 4 rows per micro-batch; data=-1 on 8 devices shrinks to 4
-  plan = _shard.plan_mesh(_cfg(train__micro_batches=2), 8)
+  plan = sharding.plan_mesh(_cfg(train__micro_batches=2), 8)
   assert plan.shape == (4, 1, 1) and "4 of 8 devices" in plan.note
   with pytest.raises(C.ConfigError, match=r"micro-batch of 4 rows .* data x fsdp = 8 x 1 = 8"):
-    _shard.plan_mesh(_cfg(mesh__data=8, train__micro_batches=2), 8)
+    sharding.plan_mesh(_cfg(mesh__data=8, train__micro_batches=2), 8)
   with pytest.raises(C.ConfigError, match=r"micro-batch of 4 rows"):  # several processes: no shrinking
-    _shard.plan_mesh(_cfg(train__micro_batches=2), 8, process_count=2)
+    sharding.plan_mesh(_cfg(train__micro_batches=2), 8, process_count=2)
   with pytest.raises(C.ConfigError,
                      match=r"data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 .*3 does not divide 8"):
-    _shard.plan_mesh(_cfg(mesh__data=3, train__micro_batches=1), 8)
+    sharding.plan_mesh(_cfg(mesh__data=3, train__micro_batches=1), 8)
   with pytest.raises(C.ConfigError, match=r"fixed axes use 3 devices, which does not divide the 8"):
-    _shard.plan_mesh(_cfg(mesh__tensor=3), 8)
+    sharding.plan_mesh(_cfg(mesh__tensor=3), 8)
   with pytest.raises(C.ConfigError, match=r"mesh.tensor: 4 does not divide the model's 2 key/value"):
-    _shard.plan_mesh(_cfg(mesh__data=2, mesh__tensor=4), 8, model_config=CFG)
-  assert (_shard.plan_mesh(_cfg(mesh__data=1), 8).note
+    sharding.plan_mesh(_cfg(mesh__data=2, mesh__tensor=4), 8, model_config=CFG)
+  assert (sharding.plan_mesh(_cfg(mesh__data=1), 8).note
           == "mesh data=1 x fsdp=1 x tensor=1 uses the first 1 of 8 devices")
 
 
@@ -187,7 +187,7 @@ def test_train_rejects_a_batch_that_does_not_split_before_writing(tmp_path):
 
 def test_fit_spec_replicates_dims_an_axis_does_not_divide():
   sizes = {"data": 2, "fsdp": 4, "tensor": 2}
-  assert _shard.fit_spec((17, 32), P("tensor", "fsdp"), sizes) == P(None, "fsdp")
-  assert _shard.fit_spec((8, 6), P(("data", "fsdp"), None), sizes) == P(("data", "fsdp"), None)
-  assert _shard.fit_spec((6, 6), P(("data", "fsdp")), sizes) == P(None, None)
-  assert _shard.fit_spec((4,), P("pipeline"), sizes) == P(None)
+  assert sharding.fit_spec((17, 32), P("tensor", "fsdp"), sizes) == P(None, "fsdp")
+  assert sharding.fit_spec((8, 6), P(("data", "fsdp"), None), sizes) == P(("data", "fsdp"), None)
+  assert sharding.fit_spec((6, 6), P(("data", "fsdp")), sizes) == P(None, None)
+  assert sharding.fit_spec((4,), P("pipeline"), sizes) == P(None)

@@ -10,10 +10,9 @@ from jaxent.models._hf import (
     hf_state_dict,
     load_config,
     load_tokenizer,
-    param_shardings,
-    param_specs,
     save_pretrained,
 )
+from jaxent.models._layout import param_shardings, param_specs
 from jaxent.models._layers import apply_rope, rope_inv_freq
 from jaxent.models._model import (
     KVCache,

@@ -31,11 +31,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
+from jax.sharding import Sharding
 
-from jaxent import sharding as sharding_lib
 from jaxent.models._config import SUPPORTED_MODEL_TYPES, ModelConfig
-from jaxent.models._model import Model, param_logical_axes, param_shapes
+from jaxent.models._layout import param_shardings
+from jaxent.models._model import Model, param_shapes
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some exporters write that carry no parameters.
@@ -135,40 +135,6 @@ def _set(tree, path, value):
   for p in head:
     tree = tree.setdefault(p, {})
   tree[last] = value
-
-
-# ----------------------------------------------------------------------------- layout
-def fit_spec(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> P:
-  """Drops mesh axes (absent or) not dividing their dimension: that dimension is replicated."""
-  out = []
-  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if ax is None else ((ax,) if isinstance(ax, str) else tuple(ax))
-    names = tuple(a for a in names if a in sizes)
-    k = math.prod(sizes[a] for a in names)
-    out.append(None if not names or dim % k else (names[0] if len(names) == 1 else names))
-  return P(*out)
-
-
-def _is_axes(a) -> bool:
-  return isinstance(a, tuple) and all(isinstance(s, str) for s in a)
-
-
-def param_specs(cfg: ModelConfig, mesh) -> Any:
-  """``PartitionSpec`` of every parameter on ``mesh`` (a pytree like the params).
-
-  ``param_logical_axes`` through ``jaxent.sharding.LOGICAL_RULES``, with mesh
-  axes that do not divide a dimension dropped (that dimension is replicated).
-  ``mesh`` may be a ``Mesh`` or an ``AbstractMesh``.
-  """
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return jax.tree.map(lambda ax, s: fit_spec(s.shape, sharding_lib.logical_to_spec(ax), sizes),
-                      param_logical_axes(cfg), param_shapes(cfg), is_leaf=_is_axes)
-
-
-def param_shardings(cfg: ModelConfig, mesh) -> Any:
-  """``NamedSharding`` of every parameter on ``mesh`` (the trainer's and sampler's layout)."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh),
-                      is_leaf=lambda x: isinstance(x, P))
 
 
 # ----------------------------------------------------------------------------- import

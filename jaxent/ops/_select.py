@@ -21,10 +21,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-# Mesh axes that shard the batch (row) dimension of [B, T] token arrays. The
-# sharding package's logical table maps "batch" to these; it is defined here
-# because ops (layer 1) may not import jaxent.sharding (layer 2).
-BATCH_AXES = ("data", "fsdp")
+# Mesh axes that shard the batch (row) dimension of [B, T] token arrays.
+from jaxent.types import BATCH_AXES
 
 # A traced ratio is float32: ratio * N is formed in float32 (N split so each
 # part is exact), and a decimal ratio such as 2e-4 is not exact in float32

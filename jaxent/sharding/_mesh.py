@@ -7,16 +7,12 @@ the mesh ``("data", "fsdp", "tensor")``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-# The batch axes are defined in ops (layer 1), whose sharded top-k needs them
-# and which may not import this package (layer 2).
-from jaxent.ops._select import BATCH_AXES
-
-AXES = ("data", "fsdp", "tensor")
+from jaxent.types import BATCH_AXES, MESH_AXES as AXES
 
 # logical axis -> mesh axes (None: replicated). Activations are batch-sharded
 # over data+fsdp; parameters are FSDP-sharded on their embed dimension and
@@ -83,6 +79,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   return jax.make_mesh(tuple(sizes), AXES, axis_types=axis_types, devices=devices)
 
 
+def replicated(mesh) -> NamedSharding:
+  """Every device holds the whole array."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Rows over the batch axes ``("data", "fsdp")``; a prefix for every ``Batch`` array."""
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
 def logical_to_spec(logical_axes: Sequence[str | None],
                     rules: dict | None = None) -> P:
   """PartitionSpec for a tuple of logical axis names."""
@@ -140,4 +146,15 @@ def _restrict(spec: P, mesh) -> P:
     ms = () if p is None else ((p,) if isinstance(p, str) else tuple(p))
     ms = tuple(a for a in ms if a in names)
     out.append(None if not ms else (ms[0] if len(ms) == 1 else ms))
+  return P(*out)
+
+
+def fit_spec(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> P:
+  """Drops mesh axes (absent or) not dividing their dimension: that dimension is replicated."""
+  out = []
+  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if ax is None else ((ax,) if isinstance(ax, str) else tuple(ax))
+    names = tuple(a for a in names if a in sizes)
+    k = math.prod(sizes[a] for a in names)
+    out.append(None if not names or dim % k else (names[0] if len(names) == 1 else names))
   return P(*out)

@@ -6,7 +6,7 @@ from jaxent.train._logging import MetricsLogger
 from jaxent.train._loop import (Components, Policy, TrainingError, TrainResult, evaluate,
                                 generate_responses, train)
 from jaxent.train._sft import make_sft_step, sft_loss
-from jaxent.train._shard import MeshPlan, plan_mesh, state_shardings
+from jaxent.train._shard import state_shardings
 from jaxent.train._step import (
     StepSpec,
     init_state,
@@ -20,10 +20,10 @@ from jaxent.train._step import (
 )
 
 __all__ = [
-    "Checkpointer", "Components", "DistributedError", "DistributedInfo", "DryRunReport", "MeshPlan",
+    "Checkpointer", "Components", "DistributedError", "DistributedInfo", "DryRunReport",
     "MetricsLogger", "Policy", "StepSpec", "TrainResult", "TrainingError", "dry_run", "evaluate",
     "generate_responses",
     "init_state", "initialize_distributed", "jit_logprobs", "jit_train_step", "make_optimizer",
-    "make_sft_step", "nonfinite_count", "plan_mesh", "response_logprobs", "sft_loss",
+    "make_sft_step", "nonfinite_count", "response_logprobs", "sft_loss",
     "state_shardings", "step_shardings", "train", "train_step_impl",
 ]

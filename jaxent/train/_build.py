@@ -11,10 +11,9 @@ import os
 import jax
 
 from jaxent import data as data_lib
-from jaxent import models, rewards
+from jaxent import models, rewards, sharding
 from jaxent.config import Config
 from jaxent.errors import SetupError
-from jaxent.train import _shard
 from jaxent.train._checkpoint import run_path
 from jaxent.train._loop import Components
 
@@ -121,9 +120,9 @@ def train_mesh(cfg: Config):
   """
   if cfg.model.path is None:
     return None  # random init is small
-  plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
+  plan = sharding.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
                           model_config=model_config(cfg))
-  return _shard.make_train_mesh(plan)
+  return plan.make_mesh()
 
 
 def build_components(cfg: Config, run_dir: str, *, params=None, process_index: int = 0,

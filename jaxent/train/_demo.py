@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np

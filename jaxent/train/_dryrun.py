@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxent import models, sampler
+from jaxent import models, sampler, sharding
 from jaxent.config import Config, ConfigError
 from jaxent.rollout import bucket_length
 from jaxent.sharding import AXES
 from jaxent.train import _shard
-from jaxent.train._build import SetupError, model_config
+from jaxent.train._build import model_config
 from jaxent.train._step import StepSpec, jit_train_step, make_optimizer
 from jaxent.types import Batch, TrainState
 
@@ -181,7 +181,7 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   if n_target is None:
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     n_target = math.prod(sizes) if -1 not in sizes else n_local
-  plan = _shard.plan_mesh(cfg, n_target, model_config=mcfg)
+  plan = sharding.plan_mesh(cfg, n_target, model_config=mcfg)
   if plan.note:
     notes.append(plan.note)
 
@@ -195,10 +195,10 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   spec = StepSpec(model=mcfg, loss=cfg.loss, micro_batches=tr.micro_batches, temperature=ro.temperature)
 
   if topo_devices is not None:
-    mesh = _shard.make_train_mesh(plan, topo_devices)
+    mesh = plan.make_mesh(topo_devices)
     mode, plat = "compiled-topology", topo_devices[0].platform
   elif plan.size <= n_local and n_local % plan.size == 0:
-    mesh = _shard.make_train_mesh(plan)
+    mesh = plan.make_mesh()
     mode, plat = "compiled", jax.devices()[0].platform
   else:
     mesh = AbstractMesh(plan.shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -208,7 +208,7 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
 
   sh = _shard.state_shardings(mcfg, tx, mesh)
   state = _abstract_state(mcfg, tx, sh)
-  batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, _shard.batch_sharding(mesh))
+  batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, sharding.batch_sharding(mesh))
   step = jit_train_step(spec, tx, mesh=mesh)
   compiled_stats = None
   if mode == "lowered":

@@ -40,10 +40,9 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from jaxent import config as config_lib
 from jaxent import data as data_lib
-from jaxent import models, rewards, sampler
+from jaxent import models, rewards, sampler, sharding
 from jaxent.config import Config, ConfigError
 from jaxent.sharding import AXES
-from jaxent.train import _shard
 from jaxent.train._build import SetupError, load_policy, model_config
 
 # Rows per sampler call and row shard (data x fsdp) when no batch size is given.
@@ -496,7 +495,7 @@ def evaluate_benchmark(model, tok, benchmark: Benchmark | str, *, batch_size: in
       out = launch(i, rep)
       if pending is not None and is_main:
         grade(*pending)
-      pending = (i, rep, _shard.host_array(out.tokens), _shard.host_array(out.mask))  # host sync
+      pending = (i, rep, sharding.host_array(out.tokens), sharding.host_array(out.mask))  # host sync
   if not is_main:
     return None
   grade(*pending)
@@ -557,40 +556,6 @@ def format_presets() -> str:
 
 # ------------------------------------------------------------------- loading
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
-  """``"data=D,fsdp=F,tensor=T"`` -> ``(D, F, T)``.
-
-  Any omitted axis is 1; one axis may be -1 (the devices the others leave,
-  resolved by ``eval_mesh``): ``"fsdp=8"`` -> (1, 8, 1), ``"data=-1,tensor=2"``
-  -> (-1, 1, 2).
-
-  Raises:
-    ValueError: naming the part, axis or size that is wrong.
-  """
-  sizes: dict[str, int] = {}
-  parts = [p.strip() for p in str(text).split(",")]
-  if not any(parts):
-    raise ValueError("no axis given; expected data=D,fsdp=F,tensor=T")
-  for part in parts:
-    name, sep, value = (x.strip() for x in part.partition("="))
-    if not sep or not name:
-      raise ValueError(f"{part!r} is not AXIS=SIZE (axes: {', '.join(AXES)})")
-    if name not in AXES:
-      raise ValueError(f"unknown axis {name!r} (axes: {', '.join(AXES)})")
-    if name in sizes:
-      raise ValueError(f"axis {name} given twice")
-    try:
-      v = int(value)
-    except ValueError:
-      raise ValueError(f"{name}={value!r}: a size must be an integer >= 1, or -1") from None
-    if v != -1 and v < 1:
-      raise ValueError(f"{name}={v}: a size must be >= 1, or -1 (the remaining devices)")
-    sizes[name] = v
-  if list(sizes.values()).count(-1) > 1:
-    raise ValueError("at most one axis may be -1")
-  return tuple(sizes.get(a, 1) for a in AXES)  # type: ignore[return-value]
-
-
 def _read_run_config(run_dir: str) -> Config:
   cfg_path = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(cfg_path):
@@ -617,10 +582,10 @@ def eval_mesh(path: str, shape: Sequence[int] | None = None, *, dtype: str = "fl
   """The mesh to evaluate ``path`` on, and a note for the user (or None).
 
   ``shape`` (``parse_mesh``) is checked against this job's devices and the
-  model's heads (``_shard.plan_shape``: the product must equal the devices,
+  model's heads (``sharding.plan_shape``: the product must equal the devices,
   or with one process divide them; ``tensor`` must divide the attention and
   KV heads). Without it, a run directory uses its own ``mesh:`` section, as
-  ``jaxent train`` planned it (``_shard.plan_mesh``: the mesh it trained on)
+  ``jaxent train`` planned it (``sharding.plan_mesh``: the mesh it trained on)
   when that fits the devices here, else one device (with a note); a HF
   directory uses one device. With several processes a mesh over every
   device is required. Returns ``(None, note)`` for one device.
@@ -632,10 +597,10 @@ def eval_mesh(path: str, shape: Sequence[int] | None = None, *, dtype: str = "fl
   mcfg, run_cfg = model_config_of(path, dtype)
   n, procs = jax.device_count(), jax.process_count()
   if shape is not None:
-    plan = _shard.plan_shape(shape, n, process_count=procs, model_config=mcfg, what=what)
+    plan = sharding.plan_shape(shape, n, process_count=procs, model_config=mcfg, what=what)
   elif run_cfg is not None:
     try:
-      plan = _shard.plan_mesh(run_cfg, n, process_count=procs, model_config=mcfg)
+      plan = sharding.plan_mesh(run_cfg, n, process_count=procs, model_config=mcfg)
     except ConfigError as e:
       if procs > 1:
         raise ConfigError(f"the run's mesh does not fit this job ({e}); give {what} over all "
@@ -649,7 +614,7 @@ def eval_mesh(path: str, shape: Sequence[int] | None = None, *, dtype: str = "fl
     return None, None
   if plan.size == 1:
     return None, plan.note
-  return _shard.make_train_mesh(plan), plan.note
+  return plan.make_mesh(), plan.note
 
 
 def _params_mesh(params) -> Mesh | None:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import json
-import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxent import diagnostics, rollout, sampler
+from jaxent import diagnostics, rollout, sampler, sharding
 from jaxent.config import Config, RolloutConfig
 from jaxent.errors import TrainingError
 from jaxent.train import _checkpoint, _logging, _shard
@@ -83,7 +81,7 @@ def evaluate(policy: Policy, comps: Components, cfg: Config, *, key, batch_size:
   for i in range(0, len(prompts), batch_size):
     out = sampler.generate(policy, prompts[i:i + batch_size], max_new_tokens=cfg.rollout.max_new_tokens,
                            temperature=0.0, eos_id=comps.eos_id, key=key, mesh=mesh)
-    toks, mask = _shard.host_array(out.tokens), _shard.host_array(out.mask)
+    toks, mask = sharding.host_array(out.tokens), sharding.host_array(out.mask)
     texts = _responses_text(toks, mask, comps.decode)
     r, _ = comps.reward(texts, list(answers[i:i + batch_size]))
     rewards.append(np.asarray(r, np.float64))
@@ -117,15 +115,15 @@ def generate_responses(policy: Policy, prompts: list[list[int]], ro: RolloutConf
                top_k=ro.top_k, eos_id=eos_id, num_samples=ro.samples_per_prompt, mesh=mesh)
   if c <= 0 or c >= len(prompts):
     out = sampler.generate(policy, prompts, key=key, **knobs)
-    return _shard.host_array(out.tokens), _shard.host_array(out.mask)
+    return sharding.host_array(out.tokens), sharding.host_array(out.mask)
   p_bucket = sampler.Sampler(policy.config).prompt_bucket(max(len(p) for p in prompts))
   toks, masks = [], []
   for i, lo in enumerate(range(0, len(prompts), c)):
     out = sampler.generate(policy, prompts[lo:lo + c], key=jax.random.fold_in(key, i),
                            prompt_buckets=(p_bucket,), batch_buckets=(c,), **knobs)
     # Host sync per chunk: the chunk's cache is freed before the next one is allocated.
-    toks.append(_shard.host_array(out.tokens))
-    masks.append(_shard.host_array(out.mask))
+    toks.append(sharding.host_array(out.tokens))
+    masks.append(sharding.host_array(out.mask))
   return np.concatenate(toks), np.concatenate(masks)
 
 
@@ -137,7 +135,7 @@ def _generate_and_grade(policy: Policy, comps, ro: RolloutConfig, key, mesh, pro
   same refill decisions.
   """
   local_prompts, answers = next(comps.prompts)
-  prompts = _shard.gather_prompts(local_prompts)  # this process's prompts -> all of them
+  prompts = sharding.gather_prompts(local_prompts)  # this process's prompts -> all of them
   toks, mask = generate_responses(policy, prompts, ro, eos_id=comps.eos_id, key=key, mesh=mesh)
   # Each process grades the responses to its own prompts (it holds their answers).
   n_local = len(local_prompts) * ro.samples_per_prompt
@@ -145,8 +143,8 @@ def _generate_and_grade(policy: Policy, comps, ro: RolloutConfig, key, mesh, pro
   texts = _responses_text(toks[mine], mask[mine], comps.decode)
   rep_answers = [a for a in answers for _ in range(ro.samples_per_prompt)]
   rewards, reward_counters = comps.reward(texts, rep_answers)
-  rewards = _shard.gather_rows(np.asarray(rewards))
-  return prompts, toks, mask, rewards, _shard.sum_counters(reward_counters)
+  rewards = sharding.gather_rows(np.asarray(rewards))
+  return prompts, toks, mask, rewards, sharding.sum_counters(reward_counters)
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,7 +153,7 @@ def _cov_stats_fn(mesh):
   def fn(lps, advs, masks):
     cat = lambda xs: jnp.concatenate(xs, axis=0)  # noqa: E731
     return diagnostics.token_covariance(cat(lps), cat(advs), cat(masks))[1]
-  return jax.jit(fn, out_shardings=_shard.replicated(mesh))
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
 def _slice_rows(batch: Batch, start: int, stop: int) -> Batch:
@@ -168,7 +166,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md.
 
   The run is one SPMD program over the mesh of ``cfg.mesh`` (see
-  ``_shard.plan_mesh``; a config that does not fit the devices raises
+  ``sharding.plan_mesh``; a config that does not fit the devices raises
   ``ConfigError`` before anything is written). With several processes
   (``jax.distributed``), every process runs this function: each reads its own
   prompts (``comps.prompts``), grades its own responses, and the global batch
@@ -179,9 +177,9 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   CLI does; a caller that reuses ``comps`` leaves it False).
   """
   is_main = jax.process_index() == 0 if is_main is None else is_main
-  plan = _shard.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
+  plan = sharding.plan_mesh(cfg, jax.device_count(), process_count=jax.process_count(),
                           model_config=comps.model_config)
-  mesh = _shard.make_train_mesh(plan)
+  mesh = plan.make_mesh()
   if plan.note and is_main:
     print(f"jaxent: {plan.note}", file=sys.stderr)
   os.makedirs(run_dir, exist_ok=True)
@@ -199,7 +197,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   step_fn = jit_train_step(spec, tx, mesh=mesh)
   logprob_fn = jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh)
   cov_fn = _cov_stats_fn(mesh)
-  rows_sharding = _shard.batch_sharding(mesh)
+  rows_sharding = sharding.batch_sharding(mesh)
   # Greedy evaluation generates one response per prompt: with chunked rollouts it
   # takes as many prompts per call as a rollout chunk has rows (the same KV cache).
   chunked = 0 < ro.prompts_per_generate < ro.prompts_per_step

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxent import losses, models, ops
+from jaxent import losses, models, ops, sharding
 from jaxent.config import LossConfig, OptimConfig
 from jaxent.train import _shard
 from jaxent.types import Batch, TrainState
@@ -259,7 +259,7 @@ def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, mesh=Non
 def step_shardings(spec: StepSpec, tx: optax.GradientTransformation, mesh):
   """``(in_shardings, out_shardings)`` of the train step on ``mesh``."""
   state = _shard.state_shardings(spec.model, tx, mesh)
-  return (state, _shard.batch_sharding(mesh)), (state, _shard.replicated(mesh))
+  return (state, sharding.batch_sharding(mesh)), (state, sharding.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=32)
@@ -295,6 +295,6 @@ def jit_logprobs(spec: StepSpec, micro_batches: int = 1, mesh=None):
     return _merge_micro(lp), _merge_micro(ent)
   if mesh is None:
     return jax.jit(fn)
-  rows = _shard.batch_sharding(mesh)
-  return jax.jit(_in_mesh(fn, mesh), in_shardings=(_shard.param_shardings(spec.model, mesh), rows),
+  rows = sharding.batch_sharding(mesh)
+  return jax.jit(_in_mesh(fn, mesh), in_shardings=(models.param_shardings(spec.model, mesh), rows),
                  out_shardings=rows)
