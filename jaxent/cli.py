@@ -3,7 +3,9 @@
 Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args)
 -> exit code``, registered in ``_COMMANDS``. Heavy imports (jax, matplotlib)
 happen inside the ``_run_*`` functions so that ``jaxent --help`` is instant.
-Exit codes: 0 success, 2 bad usage or bad input (with a message on stderr).
+Exit codes (``jaxent.errors``): 0 success, 2 bad usage or bad input (one line
+on stderr), 3 the run stopped itself after saving a checkpoint, 4 the hosts of
+a multi-process job could not join. The CLI imports only public names.
 """
 from __future__ import annotations
 
@@ -12,10 +14,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING_STOPPED = 3  # the run stopped itself (e.g. non-finite updates); checkpoint saved
-EXIT_NO_COORDINATOR = 4    # a multi-process run could not join its coordinator in time
+from jaxent.errors import (EXIT_BAD_INPUT, EXIT_NO_COORDINATOR, EXIT_OK, EXIT_TRAINING_STOPPED,
+                           JaxentError, exit_code_of)
 
 
 def _error(msg: str) -> int:
@@ -49,32 +49,18 @@ def _add_fit_law(sub) -> None:
 
 
 def _run_fit_law(args: argparse.Namespace) -> int:
-  from jaxent.diagnostics import _report
-  from jaxent.diagnostics._law import fit_entropy_law
-
+  from jaxent import apps
   try:
-    series = _report.read_metrics(args.run_dir, x_key=args.x_key, y_key=args.y_key)
-    fit = fit_entropy_law(series.x, series.y, fit_first=args.fit_first,
-                          method=args.method)
+    line = apps.fit_law(args.run_dir, fit_first=args.fit_first, x_key=args.x_key,
+                        y_key=args.y_key, method=args.method)
   except (OSError, ValueError) as e:
     return _error(str(e))
-  _report.write_law_json(os.path.join(args.run_dir, "law.json"),
-                         _report.law_record(fit, series, args.fit_first))
-  _report.plot_law(os.path.join(args.run_dir, "law.png"), fit, series)
-  print(_report.summary_line(fit, series, args.run_dir))
+  print(line)
   return EXIT_OK
 
 
 
 # ------------------------------------------------------------------ train ---
-
-def _setup_errors():
-  """The exception types that mean 'bad input': exit code 2, one line, nothing lost."""
-  from jaxent.config import ConfigError
-  from jaxent.data import DataError
-  from jaxent.train._build import SetupError
-  return (ConfigError, DataError, SetupError)
-
 
 def _add_process_flags(p: argparse.ArgumentParser, how: str) -> None:
   """The "multi-process" flags ``train`` and ``eval`` share; ``how`` says what the hosts do."""
@@ -92,11 +78,11 @@ def _add_process_flags(p: argparse.ArgumentParser, how: str) -> None:
 
 def _join_processes(args: argparse.Namespace) -> int | None:
   """Joins the hosts of a multi-process job (before JAX touches a device); an exit code on failure."""
-  from jaxent.train import _distributed
+  from jaxent import apps
   try:
-    _distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
-  except _distributed.DistributedError as e:
+    apps.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                timeout_s=args.init_timeout, exit_code=EXIT_NO_COORDINATOR)
+  except JaxentError as e:
     return _error(str(e))
   return None
 
@@ -123,24 +109,23 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+  from jaxent import apps
   from jaxent import config as config_lib
-  bad = _setup_errors()
   try:
     cfg = config_lib.load(args.config, args.overrides)
-  except bad as e:
+  except JaxentError as e:
     return _error(str(e))
   if args.dry_run:
-    from jaxent.train import _dryrun
     try:
-      _dryrun.dry_run(cfg, topology=args.topology, platform=args.platform)
-    except bad as e:
+      apps.dry_run(cfg, topology=args.topology, platform=args.platform)
+    except JaxentError as e:
       return _error(str(e))
     return EXIT_OK
   err = _join_processes(args)
   if err is not None:
     return err
   import jax
-  from jaxent.train import _build, _loop
+  from jaxent import train
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
   # The generated task's files are written by process 0 into the run
   # directory; the others generate the same files privately (no two processes
@@ -153,18 +138,19 @@ def _run_train(args: argparse.Namespace) -> int:
     data_dir = tempfile.mkdtemp(prefix=f"jaxent-p{jax.process_index()}-")
     atexit.register(shutil.rmtree, data_dir, True)
   try:
-    comps = _build.build_components(cfg, data_dir, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    comps = train.build_components(cfg, data_dir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
     # The CLI needs the loaded parameters only to start: train() drops them
     # once the train state holds its copy (one parameter share per device less).
-    res = _loop.train(cfg, run_dir, comps, resume=args.resume, release_params=True)
-  except bad as e:
-    return _error(str(e))
-  except _loop.TrainingError as e:
-    print(f"jaxent: {e}", file=sys.stderr)
-    return EXIT_TRAINING_STOPPED
-  except OSError as e:  # disk full, run directory not writable or escaping: the last checkpoint is kept
-    where = "" if getattr(e, "filename", None) or run_dir in str(e) else f" (run directory {run_dir})"
+    res = train.train(cfg, run_dir, comps, resume=args.resume, release_params=True)
+  except (JaxentError, OSError) as e:
+    code = exit_code_of(e)
+    if code == EXIT_TRAINING_STOPPED:  # the run stopped itself; its checkpoint is saved
+      print(f"jaxent: {e}", file=sys.stderr)
+      return code
+    # disk full, run directory not writable or escaping: the last checkpoint is kept
+    where = ("" if not isinstance(e, OSError) or getattr(e, "filename", None) or run_dir in str(e)
+             else f" (run directory {run_dir})")
     return _error(f"{e}{where}")
   last = res.history[-1] if res.history else {}
   print(f"jaxent train: {run_dir}: {len(res.history)} steps, reward {last.get('reward_mean')}, "
@@ -235,9 +221,10 @@ def _add_eval(sub) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
   import json
-  from jaxent.train import _eval
+  from jaxent import eval as eval_lib
+  from jaxent import sharding
   if args.list_presets:
-    print(_eval.format_presets())
+    print(eval_lib.format_presets())
     return EXIT_OK
   if args.model_pos and args.model and args.model_pos != args.model:
     return _error(f"eval: two models given: {args.model_pos} and --model {args.model}")
@@ -252,24 +239,23 @@ def _run_eval(args: argparse.Namespace) -> int:
   mesh_shape = None
   if args.mesh is not None:
     try:
-      from jaxent import sharding
       mesh_shape = sharding.parse_mesh(args.mesh)
     except ValueError as e:
       return _error(f"eval: --mesh {args.mesh!r}: {e}")
   overrides = {f: getattr(args, f) for f in _EVAL_SETTING_FLAGS}
-  bad = _setup_errors()
   # Everything about the input is checked before the (slow) model load.
   try:
-    benches = [_eval.resolve_benchmark(s, overrides, presets=args.preset == "paper")
+    benches = [eval_lib.resolve_benchmark(s, overrides, presets=args.preset == "paper")
                for s in specs]
     for b in benches:
-      _eval.resolve_fields(b.path, b.settings.prompt_keys, b.settings.answer_keys)
-  except bad + (ValueError,) as e:
+      eval_lib.resolve_fields(b.path, b.settings.prompt_keys, b.settings.answer_keys)
+  except (JaxentError, ValueError) as e:
     return _error(str(e))
   err = _join_processes(args)
   if err is not None:
     return err
   import jax
+  from jaxent import train
   main = jax.process_index() == 0
   if main:
     for b in benches:
@@ -277,8 +263,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"jaxent eval: {note}", file=sys.stderr)
   results, samples = [], []
   try:
-    mesh, note = _eval.eval_mesh(model_path, mesh_shape, dtype=args.dtype)
-    model, tok, cfg = _eval.load_model_or_run(model_path, dtype=args.dtype, mesh=mesh)
+    mesh, note = train.eval_mesh(model_path, mesh_shape, dtype=args.dtype)
+    model, tok, cfg = train.load_model_or_run(model_path, dtype=args.dtype, mesh=mesh)
     if main:  # after the load, so a model that cannot be loaded gives one error line
       if note:
         print(f"jaxent eval: {note}", file=sys.stderr)
@@ -288,17 +274,17 @@ def _run_eval(args: argparse.Namespace) -> int:
             f"{'es' if jax.process_count() > 1 else ''})", file=sys.stderr)
     skip = not (cfg is not None and cfg.data.task == "arithmetic")
     for b in benches:
-      out = _eval.evaluate_benchmark(
+      out = eval_lib.evaluate_benchmark(
           model, tok, b, batch_size=args.batch_size, seed=args.seed, timeout_s=args.grade_timeout,
           skip_special_tokens=skip, return_samples=True, mesh=mesh)
       if out is not None:  # process 0 grades; the others only generate
         results.append({"model": model_path, **out[0]})
         samples += out[1]
-  except bad + (ValueError,) as e:
+  except (JaxentError, ValueError) as e:
     return _error(str(e))
   if not main:
     return EXIT_OK
-  print(_eval.format_table(results))
+  print(eval_lib.format_table(results))
   try:
     if args.out:
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -324,11 +310,10 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-  from jaxent import models
-  from jaxent.train import _eval
+  from jaxent import models, train
   try:
-    cfg, model, tok, step = _eval.load_run(args.run_dir, args.step)
-  except _setup_errors() as e:
+    cfg, model, tok, step = train.load_run(args.run_dir, args.step)
+  except JaxentError as e:
     return _error(str(e))
   hf_tok = tok if hasattr(tok, "save_pretrained") else None
   models.save_pretrained(model, args.out_dir, tokenizer=hf_tok)
@@ -346,8 +331,8 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-  from jaxent.train._demo import run_demo
-  run_demo(args.out, quick=args.quick)
+  from jaxent import apps
+  apps.run_demo(args.out, quick=args.quick)
   return EXIT_OK
 
 # ------------------------------------------------------------------ main ---

@@ -12,12 +12,14 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import yaml
 
 from jaxent.errors import ConfigError
@@ -25,6 +27,32 @@ from jaxent.errors import ConfigError
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
+
+
+def decoding_problem(*, temperature, top_p, top_k) -> tuple[str, str] | None:
+  """The one rule for decoding knobs, shared by the config, evaluation and the sampler.
+
+  ``temperature`` a finite number >= 0 (0: greedy); ``top_p`` in (0, 1] (1
+  disables nucleus truncation; 0 would keep no token); ``top_k`` an int >= 0
+  (0 disables). Returns ``(argument, rule)`` for the first knob that breaks
+  it, or None; each caller words the error for its own input.
+  """
+  real = lambda x: not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))  # noqa: E731
+  if not real(temperature) or not math.isfinite(temperature) or temperature < 0:
+    return "temperature", "must be a finite number >= 0 (0: greedy)"
+  if not real(top_p) or not 0 < top_p <= 1:
+    return "top_p", "must be in (0, 1] (1 disables)"
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    return "top_k", "must be an int >= 0 (0 disables)"
+  return None
+
+
+def check_decoding(*, temperature, top_p, top_k) -> None:
+  """``decoding_problem`` as a ``ValueError`` naming the argument and the value given."""
+  bad = decoding_problem(temperature=temperature, top_p=top_p, top_k=top_k)
+  if bad is not None:
+    value = dict(temperature=temperature, top_p=top_p, top_k=top_k)[bad[0]]
+    raise ValueError(f"{bad[0]} {bad[1]}, got {value!r}")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -105,9 +133,8 @@ class RolloutConfig:
     _check(self.prompts_per_step >= 1, f"{key}.prompts_per_step", "must be >= 1")
     _check(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", "must be >= 1")
     _check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
-    _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
-    _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
-    _check(self.top_k >= 0, f"{key}.top_k", "must be >= 0")
+    bad = decoding_problem(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+    _check(bad is None, f"{key}.{bad and bad[0]}", bad and bad[1])
     _check(0 <= self.prompts_per_generate <= self.prompts_per_step, f"{key}.prompts_per_generate",
            f"must be in [0, rollout.prompts_per_step = {self.prompts_per_step}] "
            f"(0 generates all of a step's prompts at once), got {self.prompts_per_generate}")

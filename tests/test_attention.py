@@ -175,7 +175,8 @@ def test_bad_arguments_name_themselves():
 
 
 def test_run_config_sets_the_model_chunk(qwen2, tmp_path):
-  from jaxent.train import _build, _dryrun
+  from jaxent.apps import _dryrun
+  from jaxent.train import _build
   arch = {"model_type": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
           "intermediate_size": 16}
   cfg = C.from_dict({"model": {"arch": arch, "attention_chunk": 64}, "data": {"task": "arithmetic"}})

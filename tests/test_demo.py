@@ -42,7 +42,7 @@ def test_quick_demo_writes_every_artifact(quick_demo):
 
 def test_configs_demo_yaml_is_the_embedded_default():
   from jaxent import config as C
-  from jaxent.train import _demo as D
+  from jaxent.apps import _demo as D
   here = os.path.dirname(os.path.abspath(__file__))
   cfg = C.load(os.path.join(here, "..", "configs", "demo.yaml"))
   assert cfg == C.from_dict(D.BASE, D.METHODS["grpo"])

@@ -19,7 +19,7 @@ import pytest
 
 from jaxent import cli
 from jaxent import config as C
-from jaxent.train import _dryrun
+from jaxent.apps import _dryrun
 from tests.test_configs import gpu_overrides
 
 QWEN = {

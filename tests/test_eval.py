@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxent import cli, data, sampler
-from jaxent.train import _eval as E
+from jaxent import eval as E
+from jaxent import train as T
 from tests._tiny import save_char_model
 
 # One character a token: a decoded response splits back into its tokens.
@@ -97,7 +98,7 @@ def test_bad_settings_name_the_setting(over, match):
 
 def test_samples_per_call_divides_k():
   cases = [(32, 64), (32, 20), (6, 4), (7, 4), (1, 1)]
-  assert [E._samples_per_call(k, rows) for k, rows in cases] == [32, 16, 3, 1, 1]
+  assert [E.samples_per_call(k, rows) for k, rows in cases] == [32, 16, 3, 1, 1]
 
 
 # --- field aliases ------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _read_jsonl(path):
 
 def test_ragged_batches_compile_once_and_report(hf_dir, bench_dir):
   """Rows count prompts x samples; the ragged last call reuses the compiled programs."""
-  model, tok, _ = E.load_model_or_run(hf_dir)
+  model, tok, _ = T.load_model_or_run(hf_dir)
   bench = E.resolve_benchmark(str(bench_dir / "aime24.jsonl"), {"k": 4, "max_new_tokens": 3})
   before = dict(sampler.TRACE_COUNTS)
   rep, samples = E.evaluate_benchmark(model, tok, bench, batch_size=8, return_samples=True)
@@ -230,7 +231,7 @@ def test_cli_end_to_end_presets_from_file_names(hf_dir, bench_dir, tmp_path, cap
   rm = [s for s in rows if s["benchmark"] == "math500"]
   rm2 = _read_jsonl(smp2)
   assert [s["response"] for s in rm] == [s["response"] for s in rm2]
-  model, tok, _ = E.load_model_or_run(hf_dir)
+  model, tok, _ = T.load_model_or_run(hf_dir)
   vocab = {w: i for i, w in enumerate(WORDS)}
   for s in rm:
     prompt_ids = tok.encode(s["prompt"], add_special_tokens=True)
@@ -272,3 +273,11 @@ def test_cli_model_that_cannot_load_is_one_error_line(hf_dir, bench_dir, tmp_pat
   assert err.startswith("jaxent: error:") and len(err.strip().splitlines()) == 1, err
   assert "safetensors" in err, err
 
+
+def test_pass_at_k_against_brute_force():
+  from itertools import combinations
+  rng = np.random.default_rng(0)
+  correct = rng.random((20, 6)) < 0.3
+  for k in (1, 2, 4, 6):
+    brute = np.mean([np.mean([any(row[list(c)]) for c in combinations(range(6), k)]) for row in correct])
+    assert E.pass_at_k(correct, k) == pytest.approx(brute)

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxent import cli, models
+from jaxent import cli, models, sharding
 from jaxent import config as C
-from jaxent.train import _eval as E
+from jaxent import eval as E
+from jaxent import train as T
 from jaxent.train._checkpoint import Checkpointer
 from jaxent.train._step import init_state, make_optimizer
 from tests._tiny import loop_config, save_char_model
@@ -61,8 +62,8 @@ def benches(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(hf16, benches):
   """One device: the reports and samples every mesh must reproduce, by benchmark."""
-  model, tok, _ = E.load_model_or_run(hf16)
-  assert E._params_mesh(model.params) is None
+  model, tok, _ = T.load_model_or_run(hf16)
+  assert sharding.mesh_of(model.params) is None
   out = {}
   for name, b in zip(("sampled", "greedy"), benches):
     rep, smp = E.evaluate_benchmark(model, tok, b, batch_size=ROWS, seed=5, return_samples=True)
@@ -94,11 +95,11 @@ def _assert_layout(params, mesh, model_config):
 @pytest.mark.parametrize("shape,which", CASES, ids=lambda c: "x".join(map(str, c))
                          if isinstance(c, tuple) else c)
 def test_mesh_evaluation_equals_one_device(hf16, benches, reference, shape, which):
-  mesh, note = E.eval_mesh(hf16, shape)
+  mesh, note = T.eval_mesh(hf16, shape)
   assert tuple(mesh.shape.values()) == shape and note is None
-  model, tok, _ = E.load_model_or_run(hf16, mesh=mesh)
+  model, tok, _ = T.load_model_or_run(hf16, mesh=mesh)
   _assert_layout(model.params, mesh, model.config)
-  ref_model, _, _ = E.load_model_or_run(hf16)
+  ref_model, _, _ = T.load_model_or_run(hf16)
   jax.tree.map(np.testing.assert_array_equal, model.params, ref_model.params)
   # The mesh is found from the params' layout; the default batch is 64 rows per row shard.
   bench = benches[0] if which == "sampled" else benches[1]
@@ -140,12 +141,12 @@ def run_dir(hf16, tmp_path_factory):
 
 def test_run_restores_onto_its_own_mesh(hf16, run_dir, benches):
   path, trained = run_dir
-  mesh, note = E.eval_mesh(path)                 # no --mesh: the mesh the run trained on
+  mesh, note = T.eval_mesh(path)                 # no --mesh: the mesh the run trained on
   assert tuple(mesh.shape.values()) == (2, 2, 2) and note is None
-  cfg, model, tok, step = E.load_run(path, mesh=mesh)
+  cfg, model, tok, step = T.load_run(path, mesh=mesh)
   assert step == 2 and cfg.model.path == hf16
   _assert_layout(model.params, mesh, model.config)
-  _, flat, _, _ = E.load_run(path)               # unsharded: this process's first device
+  _, flat, _, _ = T.load_run(path)               # unsharded: this process's first device
   for x in jax.tree.leaves(flat.params):
     assert x.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
   jax.tree.map(np.testing.assert_array_equal, model.params, flat.params)
@@ -161,12 +162,12 @@ def test_run_mesh_that_does_not_fit_falls_back_to_one_device(hf16, tmp_path):
   raw = loop_config(mesh={"data": 3, "fsdp": 1, "tensor": 1})
   raw["model"] = {"path": hf16}
   (tmp_path / "config.yaml").write_text(C.from_dict(raw).to_yaml())
-  mesh, note = E.eval_mesh(str(tmp_path))
+  mesh, note = T.eval_mesh(str(tmp_path))
   assert mesh is None
   assert "does not fit the 8 devices" in note and "data=3" in note and "--mesh" in note
-  mesh, note = E.eval_mesh(str(tmp_path), (-1, 1, 2))   # an explicit mesh wins
+  mesh, note = T.eval_mesh(str(tmp_path), (-1, 1, 2))   # an explicit mesh wins
   assert tuple(mesh.shape.values()) == (4, 1, 2) and note is None
-  mesh, note = E.eval_mesh(str(tmp_path), (2, 1, 1))    # a divisor of the devices: the first ones
+  mesh, note = T.eval_mesh(str(tmp_path), (2, 1, 1))    # a divisor of the devices: the first ones
   assert mesh.size == 2 and "first 2 of 8" in note
 
 

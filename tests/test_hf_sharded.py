@@ -310,7 +310,7 @@ def test_build_components_loads_onto_the_train_mesh(ckpt, tmp_path, monkeypatch)
 
 
 def test_load_run_restores_a_model_path_run_without_reading_model_path(ckpt, tmp_path, monkeypatch):
-  from jaxent.train import _eval
+  from jaxent import train as T
   from jaxent.train._checkpoint import Checkpointer
   from jaxent.train._step import init_state
   tm, _, ref = ckpt
@@ -327,7 +327,7 @@ def test_load_run_restores_a_model_path_run_without_reading_model_path(ckpt, tmp
   ck.save(3, init_state(trained, tx, jax.random.PRNGKey(0)), {"rl_step": 3, "data": {}})
   ck.close()
   reads = Reads(monkeypatch)
-  got_cfg, model, tok, step = _eval.load_run(str(run))
+  got_cfg, model, tok, step = T.load_run(str(run))
   assert reads.reads == []                    # the weights come from the checkpoint alone
   assert step == 3 and got_cfg.model.path == cfg.model.path and tok is not None
   jax.tree.map(np.testing.assert_array_equal, model.params, trained)

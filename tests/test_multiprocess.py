@@ -21,7 +21,8 @@ import yaml
 
 from jaxent import cli
 from jaxent import config as C
-from jaxent.train import _build, _distributed, _loop
+from jaxent.apps import _distributed
+from jaxent.train import _build, _loop
 from tests._tiny import loop_config
 
 # The run of tests/test_sharded_train.py (shared compiled programs in one session).

@@ -26,8 +26,10 @@ import yaml
 import jaxent
 from jaxent import cli
 from jaxent import config as C
-from jaxent.train import _build, _eval, _loop
-from jaxent.train._checkpoint import Checkpointer, RunDirError, run_path
+from jaxent import train as T
+from jaxent.train import _build, _loop
+from jaxent.errors import RunDirError
+from jaxent.train._checkpoint import Checkpointer, run_path
 from tests._tiny import TWO_HEAD_ARCH
 
 # Every in-process run below differs from this only in values that are not
@@ -72,7 +74,7 @@ def _complete_steps(ckpt_dir):
 
 
 def _params(run_dir, step=None):
-  _, model, _, got = _eval.load_run(run_dir, step)
+  _, model, _, got = T.load_run(run_dir, step)
   return got, [np.asarray(x) for x in jax.tree.leaves(model.params)]
 
 

@@ -1,4 +1,4 @@
-"""Chunked rollout generation (``rollout.prompts_per_generate``): the loop's sampler calls.
+"""Chunked rollout generation (``rollout.prompts_per_generate``): ``rollout.generate``'s engine calls.
 
 A step's prompts go to the sampler ``c`` at a time; chunk ``i`` is drawn with
 ``fold_in(key, i)`` at the step's prompt bucket and a batch bucket of ``c``.
@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxent import models, sampler
+from jaxent import models, rollout, sampler
 from jaxent.config import RolloutConfig
-from jaxent.train._loop import Policy, generate_responses
 from tests._tiny import TINY_ARCH
 
 # 5 prompts of 1..9 tokens (prompt bucket 16 for any subset); chunks of 2, 2 and 1.
@@ -27,7 +26,13 @@ R = 5  # max_new_tokens
 @pytest.fixture(scope="module")
 def policy():
   m = models.init_model(models.ModelConfig(**TINY_ARCH, vocab_size=15), seed=3)
-  return Policy(m.config, m.params)
+  return m
+
+
+def generate_responses(policy, prompts, ro, *, eos_id, key):
+  """(tokens, mask) of the rollout layer's generation with the static engine."""
+  toks, _, mask = rollout.generate(rollout.SamplerEngine(), policy, prompts, ro, eos_id=eos_id, key=key)
+  return toks, mask
 
 
 def _ro(**kw) -> RolloutConfig:

@@ -269,15 +269,16 @@ def test_no_recompile_within_buckets_and_for_new_knobs(qwen2):
   kw = dict(max_new_tokens=8, key=key)
   sampler.generate(qwen2, PROMPTS, temperature=0.0, **kw)
   before = dict(sampler.TRACE_COUNTS)
-  # New prompts (4 rows, lengths 1..16: same buckets), new knobs, new EOS ids.
-  prompts = [[1], [2] * 16, [3, 4, 5, 6, 7], list(range(10, 20))]
+  # New prompts (4 rows, lengths 1..12: the buckets of PROMPTS, P = 12 and 4
+  # prompts), new knobs, new EOS ids.
+  prompts = [[1], [2] * 12, [3, 4, 5, 6, 7], list(range(10, 20))]
   for t, k, p, eos in [(1.0, 0, 1.0, None), (0.7, 5, 0.9, 3), (1.3, 40, 0.5, [4, 9]),
                        (0.0, 0, 1.0, 11)]:
     out = sampler.generate(qwen2, prompts, temperature=t, top_k=k, top_p=p, eos_id=eos,
                            **kw)
     assert out.tokens.shape == (4, 8)
   assert dict(sampler.TRACE_COUNTS) == before
-  # The counter does see a new bucket: a 17-token prompt needs P = 32.
+  # The counter does see a new bucket: a 17-token prompt needs P = 20.
   sampler.generate(qwen2, [[1] * 17], temperature=1.0, **kw)
   assert sampler.TRACE_COUNTS["prefill"] == before["prefill"] + 1
 

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxent import sharding
-from jaxent.ops._select import BATCH_AXES as OPS_BATCH_AXES
+from jaxent.types import BATCH_AXES as OPS_BATCH_AXES
 
 
 @pytest.mark.parametrize("args,shape", [

@@ -10,7 +10,8 @@ import yaml
 
 from jaxent import cli, rewards
 from jaxent import config as C
-from jaxent.train import _build, _eval, _loop
+from jaxent import train as T
+from jaxent.train import _build, _loop
 from tests._tiny import TWO_HEAD_ARCH
 
 BASE = {
@@ -157,7 +158,7 @@ def test_export_and_eval_from_the_run(full_run, tmp_path):
   out = str(tmp_path / "hf")
   assert cli.main(["export", run_dir, out]) == 0
   assert os.path.isfile(os.path.join(out, "model.safetensors"))
-  cfg, model, _, step = _eval.load_run(run_dir)
+  cfg, model, _, step = T.load_run(run_dir)
   assert step == 4
   for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(model.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -181,7 +182,7 @@ def test_bfloat16_compute_over_float32_master_weights(tmp_path):
   before = jax.tree.map(np.asarray, comps.params)
   res = _loop.train(cfg, str(tmp_path / "run"), comps)
   assert len(res.history) == 2 and all(np.isfinite(r["grad_norm"]) for r in res.history)
-  _, model, _, _ = _eval.load_run(str(tmp_path / "run"))
+  _, model, _, _ = T.load_run(str(tmp_path / "run"))
   after = jax.tree.leaves(model.params)
   assert {x.dtype for x in after} == {np.dtype("float32")}
   moved = [np.abs(a - b).max() for a, b in zip(after, jax.tree.leaves(before))]
@@ -200,15 +201,6 @@ def test_release_params_frees_the_loaded_parameters(tmp_path):
   gc.collect()
   assert comps.params is None and len(res.history) == 1
   assert all(r() is None for r in refs)      # no copy of the loaded weights outlives the start
-
-
-def test_pass_at_k_against_brute_force():
-  from itertools import combinations
-  rng = np.random.default_rng(0)
-  correct = rng.random((20, 6)) < 0.3
-  for k in (1, 2, 4, 6):
-    brute = np.mean([np.mean([any(row[list(c)]) for c in combinations(range(6), k)]) for row in correct])
-    assert _eval.pass_at_k(correct, k) == pytest.approx(brute)
 
 
 def test_cli_train_bad_input_exit_2(tmp_path, capsys):

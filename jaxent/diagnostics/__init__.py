@@ -5,8 +5,8 @@ of a softmax policy) and :func:`token_covariance` (per-token covariance of
 log-probability and advantage, with the statistics a trainer logs).
 Host-side NumPy: :func:`fit_entropy_law` (``R = −a·exp(H) + b``).
 
-Reading run directories and plotting live in ``jaxent.diagnostics._report``,
-which this package does not import (it pulls in matplotlib and file I/O).
+Reading run directories and plotting for ``jaxent fit-law`` live in
+``jaxent.apps`` (the functional core does no file I/O).
 """
 from jaxent.diagnostics._covariance import token_covariance
 from jaxent.diagnostics._entropy import entropy_change_first_order

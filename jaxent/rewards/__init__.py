@@ -4,6 +4,7 @@ Never jitted. ``grade_batch(name, responses, answers, timeout_s=...)`` returns
 float32 rewards and failure/timeout counters; a reward that raises, crashes
 or times out scores 0 and is counted, never crashing the run.
 """
+from jaxent.rewards._correct import CORRECT_AT, is_correct
 from jaxent.rewards._exact import arithmetic_exact, arithmetic_partial, exact_match
 from jaxent.rewards._math import math_reward
 from jaxent.rewards._pool import GradeResult, GraderPool, default_pool, grade_batch
@@ -21,6 +22,7 @@ register_reward("arithmetic_partial", arithmetic_partial, isolated=False)
 register_reward("exact_match", exact_match, isolated=False)
 
 __all__ = [
+    "CORRECT_AT",
     "GradeResult",
     "GraderPool",
     "RewardSpec",
@@ -30,6 +32,7 @@ __all__ = [
     "exact_match",
     "get_reward",
     "grade_batch",
+    "is_correct",
     "math_reward",
     "register_reward",
     "reward_names",

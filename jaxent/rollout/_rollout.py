@@ -6,35 +6,23 @@ Rows are ordered as the sampler returns them: the ``n`` responses to prompt
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxent import advantages as adv_lib
+from jaxent.rewards import is_correct
+from jaxent.sampler import prompt_bucket
 from jaxent.types import Batch
-
-
-def bucket_length(n: int) -> int:
-  """Padded prompt length for a longest prompt of ``n`` tokens.
-
-  Multiples of 4 up to 64 (short prompts waste little compute on padding),
-  powers of two above (few distinct shapes, so few compiles).
-  """
-  if n <= 64:
-    return max(4, -(-n // 4) * 4)
-  b = 128
-  while b < n:
-    b *= 2
-  return b
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutStats:
   reward_mean: float
   reward_std: float
-  accuracy: float                 # fraction of responses with reward >= 1 (exact tasks) / > 0.5
+  accuracy: float                 # fraction of responses judged correct (rewards.is_correct)
   response_len_mean: float
   response_len_max: int
   filtered_groups: int            # groups with all-equal rewards masked out (filter_groups)
@@ -68,7 +56,7 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
   if rewards.shape != (rows,):
     raise ValueError(f"rewards has shape {rewards.shape}; expected ({rows},)")
   longest = max(len(p) for p in prompts)
-  p_len = bucket_length(longest) if prompt_len is None else prompt_len
+  p_len = prompt_bucket(longest) if prompt_len is None else prompt_len
   if longest > p_len:
     raise ValueError(f"a prompt has {longest} tokens; prompt_len is {p_len}")
 
@@ -107,7 +95,7 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
                 advantages=advantages, old_log_prob=zeros, ref_log_prob=zeros)
   stats = RolloutStats(
       reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-      accuracy=float((rewards >= 0.5).mean()), response_len_mean=float(lengths.mean()),
+      accuracy=float(is_correct(rewards).mean()), response_len_mean=float(lengths.mean()),
       response_len_max=int(lengths.max()) if rows else 0, filtered_groups=filtered,
       truncated_frac=float((~has_eos).mean()))
   return batch, stats
@@ -119,9 +107,28 @@ def uniform_groups(rewards: np.ndarray, samples_per_prompt: int) -> np.ndarray:
   return np.all(grouped == grouped[:, :1], axis=1)
 
 
+class Selected(NamedTuple):
+  """The groups ``select_groups`` keeps, rows in generation order."""
+  prompts: list
+  response_tokens: np.ndarray
+  response_mask: np.ndarray
+  rewards: np.ndarray
+  kept: int              # chosen groups whose rewards are not all equal
+
+
+def selected_rows(rewards: np.ndarray, *, num_groups: int, samples_per_prompt: int
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """``(groups, rows, kept)`` that ``select_groups`` keeps (indices into its inputs)."""
+  n = samples_per_prompt
+  uniform = uniform_groups(rewards, n)
+  order = np.sort(np.concatenate([np.flatnonzero(~uniform), np.flatnonzero(uniform)])[:num_groups])
+  rows = (order[:, None] * n + np.arange(n)[None, :]).reshape(-1)
+  return order, rows, int(np.sum(~uniform[order]))
+
+
 def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
                   response_mask: np.ndarray, rewards: np.ndarray, *, num_groups: int,
-                  samples_per_prompt: int):
+                  samples_per_prompt: int) -> Selected:
   """DAPO dynamic sampling: ``num_groups`` groups, those with unequal rewards first.
 
   The inputs are one or more generation batches concatenated in order (group
@@ -134,8 +141,8 @@ def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
   stay spread over the mini-batches as without refills.
 
   Returns:
-    ``(prompts, response_tokens, response_mask, rewards, kept)`` for the chosen
-    groups, ``kept`` the number of them with unequal rewards.
+    the chosen groups' ``Selected(prompts, response_tokens, response_mask,
+    rewards, kept)``, ``kept`` the number of them with unequal rewards.
   """
   n = samples_per_prompt
   groups = len(prompts)
@@ -144,12 +151,9 @@ def select_groups(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray,
                      f"responses and rewards of shape {np.shape(rewards)}")
   if groups < num_groups:
     raise ValueError(f"select_groups: {groups} groups generated, fewer than num_groups={num_groups}")
-  uniform = uniform_groups(rewards, n)
-  order = np.sort(np.concatenate([np.flatnonzero(~uniform), np.flatnonzero(uniform)])[:num_groups])
-  rows = (order[:, None] * n + np.arange(n)[None, :]).reshape(-1)
-  kept = int(np.sum(~uniform[order]))
-  return ([prompts[g] for g in order], np.asarray(response_tokens)[rows],
-          np.asarray(response_mask)[rows], np.asarray(rewards)[rows], kept)
+  order, rows, kept = selected_rows(rewards, num_groups=num_groups, samples_per_prompt=n)
+  return Selected([prompts[g] for g in order], np.asarray(response_tokens)[rows],
+                  np.asarray(response_mask)[rows], np.asarray(rewards)[rows], kept)
 
 
 def to_device(batch: Batch, sharding: Any = None) -> Batch:

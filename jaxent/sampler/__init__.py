@@ -11,6 +11,7 @@ from jaxent.sampler._sampler import (
     SamplingParams,
     SamplingState,
     generate,
+    prompt_bucket,
 )
 from jaxent.sampler._sampling import sample_logits, scale_logits, truncate_logits
 
@@ -21,6 +22,7 @@ __all__ = [
     "SamplingParams",
     "SamplingState",
     "generate",
+    "prompt_bucket",
     "sample_logits",
     "scale_logits",
     "truncate_logits",

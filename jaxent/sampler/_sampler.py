@@ -35,6 +35,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxent import models
+from jaxent.config import check_decoding
 from jaxent.sampler._sampling import sample_logits
 from jaxent.sharding import BATCH_AXES, LOGICAL_RULES, constrain, logical_to_spec
 
@@ -43,7 +44,6 @@ from jaxent.sharding import BATCH_AXES, LOGICAL_RULES, constrain, logical_to_spe
 # for new prompts within a bucket and for new sampling knobs.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-_MIN_PROMPT_BUCKET = 16  # smallest default prompt bucket (powers of two from here)
 
 
 class SampleOutput(NamedTuple):
@@ -86,6 +86,18 @@ def _pow2_at_least(n: int, lo: int) -> int:
   return max(lo, 1 << max(0, (n - 1).bit_length()))
 
 
+def prompt_bucket(n: int) -> int:
+  """Padded prompt length for a longest prompt of ``n`` tokens: the one bucket rule.
+
+  Multiples of 4 up to 64 (short prompts waste little compute on padding),
+  powers of two above (few distinct shapes, so few compiles). The sampler
+  pads generation to it and the rollout pads the training batch to it.
+  """
+  if n <= 64:
+    return max(4, -(-n // 4) * 4)
+  return _pow2_at_least(n, 128)
+
+
 def _as_buckets(b, name: str) -> tuple[int, ...] | None:
   if b is None:
     return None
@@ -101,8 +113,8 @@ class Sampler:
 
   Attributes:
     config: the ``models.ModelConfig``.
-    prompt_buckets: allowed padded prompt lengths P, or None for powers of
-      two from 16. A prompt longer than the largest bucket is an error.
+    prompt_buckets: allowed padded prompt lengths P, or None for the rule of
+      ``prompt_bucket`` (multiples of 4 to 64, powers of two above). A prompt longer than the largest bucket is an error.
     batch_buckets: allowed padded prompt counts Bb, or None for powers of
       two. On a mesh, Bb is further rounded up to a multiple of the number
       of batch shards (``data * fsdp``).
@@ -123,7 +135,7 @@ class Sampler:
   def prompt_bucket(self, n: int) -> int:
     """Padded prompt length for a longest prompt of ``n`` tokens."""
     if self.prompt_buckets is None:
-      return _pow2_at_least(n, _MIN_PROMPT_BUCKET)
+      return prompt_bucket(n)
     for b in self.prompt_buckets:
       if b >= n:
         return b
@@ -222,7 +234,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
     max_new_tokens: R, the response length (static: a new value recompiles).
     key: PRNG key.
     temperature: T >= 0 (traced).
-    top_p: p in [0, 1] (traced); 1 disables.
+    top_p: p in (0, 1] (traced); 1 disables.
     top_k: k >= 0 (traced); 0 disables.
     eos_id: an id or a list of ids that end a response (traced); None: none,
       every response has R tokens.
@@ -397,14 +409,8 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 
 
 def _check_knobs(temperature, top_p, top_k, eos_id, pad_id, vocab_size) -> SamplingParams:
-  t = float(temperature)
-  if not math.isfinite(t) or t < 0:
-    raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-  p = float(top_p)
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"top_p must be in [0, 1] (1 disables), got {top_p!r}")
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-    raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
+  check_decoding(temperature=temperature, top_p=top_p, top_k=top_k)
+  t, p = float(temperature), float(top_p)
   if eos_id is None:
     eos = []
   else:

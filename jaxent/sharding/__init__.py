@@ -10,6 +10,7 @@ from jaxent.sharding._mesh import (
     fit_spec,
     logical_to_spec,
     make_mesh,
+    mesh_of,
     named_sharding,
     replicated,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "host_array",
     "logical_to_spec",
     "make_mesh",
+    "mesh_of",
     "named_sharding",
     "parse_mesh",
     "plan_mesh",

@@ -89,6 +89,17 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
+def mesh_of(tree) -> Mesh | None:
+  """The one mesh every array of ``tree`` is laid out on (``NamedSharding``), else None."""
+  meshes = set()
+  for x in jax.tree.leaves(tree):
+    sh = getattr(x, "sharding", None)
+    if not isinstance(sh, NamedSharding) or not isinstance(sh.mesh, Mesh):
+      return None
+    meshes.add(sh.mesh)
+  return meshes.pop() if len(meshes) == 1 else None
+
+
 def logical_to_spec(logical_axes: Sequence[str | None],
                     rules: dict | None = None) -> P:
   """PartitionSpec for a tuple of logical axis names."""

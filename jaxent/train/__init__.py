@@ -1,12 +1,11 @@
-"""Layer 6: the jitted update step, optimizer, loop, checkpoints and logging."""
-from jaxent.train._checkpoint import Checkpointer
-from jaxent.train._distributed import DistributedError, DistributedInfo, initialize_distributed
-from jaxent.train._dryrun import DryRunReport, dry_run
+"""Layer 6: the jitted update step, optimizer, loop, checkpoints, logging and run loading."""
+from jaxent.train._build import arithmetic_files, build_components, load_policy, model_config, train_mesh
+from jaxent.train._checkpoint import Checkpointer, run_path
 from jaxent.train._logging import MetricsLogger
-from jaxent.train._loop import (Components, Policy, TrainingError, TrainResult, evaluate,
-                                generate_responses, train)
+from jaxent.train._loop import Components, Hook, StepEnd, TrainResult, train
+from jaxent.train._restore import eval_mesh, load_model_or_run, load_run, model_config_of
 from jaxent.train._sft import make_sft_step, sft_loss
-from jaxent.train._shard import state_shardings
+from jaxent.train._shard import init_train_state, place, state_shardings
 from jaxent.train._step import (
     StepSpec,
     init_state,
@@ -20,10 +19,10 @@ from jaxent.train._step import (
 )
 
 __all__ = [
-    "Checkpointer", "Components", "DistributedError", "DistributedInfo", "DryRunReport",
-    "MetricsLogger", "Policy", "StepSpec", "TrainResult", "TrainingError", "dry_run", "evaluate",
-    "generate_responses",
-    "init_state", "initialize_distributed", "jit_logprobs", "jit_train_step", "make_optimizer",
-    "make_sft_step", "nonfinite_count", "response_logprobs", "sft_loss",
-    "state_shardings", "step_shardings", "train", "train_step_impl",
+    "Checkpointer", "Components", "Hook", "MetricsLogger", "StepEnd", "StepSpec", "TrainResult",
+    "arithmetic_files", "build_components", "eval_mesh", "init_state", "init_train_state",
+    "jit_logprobs", "jit_train_step", "load_model_or_run", "load_policy", "load_run",
+    "make_optimizer", "make_sft_step", "model_config", "model_config_of", "nonfinite_count",
+    "place", "response_logprobs", "run_path", "sft_loss", "state_shardings", "step_shardings",
+    "train", "train_mesh", "train_step_impl",
 ]

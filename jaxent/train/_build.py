@@ -11,7 +11,7 @@ import os
 import jax
 
 from jaxent import data as data_lib
-from jaxent import models, rewards, sharding
+from jaxent import models, rewards, rollout, sharding
 from jaxent.config import Config
 from jaxent.errors import SetupError
 from jaxent.train._checkpoint import run_path
@@ -158,9 +158,8 @@ def build_components(cfg: Config, run_dir: str, *, params=None, process_index: i
   reward_name, timeout = cfg.rollout.reward, cfg.rollout.reward_timeout_s
   rewards.reward_spec(reward_name)  # unknown name -> ValueError listing the names, before any work
 
-  def reward(texts, answers):
-    res = rewards.grade_batch(reward_name, texts, answers, timeout_s=timeout)
-    return res.rewards, res.counters()
+  def grade(texts, answers):
+    return rewards.grade_batch(reward_name, texts, answers, timeout_s=timeout)
 
   class _Prompts:
     def __next__(self):
@@ -187,6 +186,5 @@ def build_components(cfg: Config, run_dir: str, *, params=None, process_index: i
   pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
   return Components(
       model_config=model.config, params=model.params if params is None else params,
-      decode=decode, pad_id=int(pad),
-      eos_id=tok.eos_token_id, prompts=_Prompts(), reward=reward, eval_set=eval_set,
-      counters=counters)
+      task=rollout.Task(decode=decode, grade=grade, pad_id=int(pad), eos_id=tok.eos_token_id),
+      prompts=_Prompts(), eval_set=eval_set, counters=counters)

@@ -22,10 +22,7 @@ import optax
 
 from jaxent import config as config_lib
 from jaxent import rollout
-from jaxent.train._build import build_components
-from jaxent.train._loop import train
-from jaxent.train._sft import make_sft_step
-from jaxent.train._step import StepSpec
+from jaxent.train import StepSpec, build_components, make_sft_step, train
 
 METHODS = {
     # name: config overrides on top of BASE

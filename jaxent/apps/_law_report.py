@@ -1,8 +1,8 @@
 """Host I/O for the entropy–performance law: read a run, write law.json/png.
 
-Kept out of the package's public import (``jaxent.diagnostics`` does not
-import this module) because it reads files and pulls in matplotlib; the CLI
-imports it lazily.
+The ``jaxent fit-law`` program's I/O around ``diagnostics.fit_entropy_law``
+(the functional core reads no files): it pulls in matplotlib, so
+``jaxent.apps`` imports it only when called.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxent.diagnostics._law import LawFit
+from jaxent.diagnostics import LawFit
 
 # Tried in order when no y key is given: held-out accuracy is what the paper
 # fits; a training run may only log the mean reward.
@@ -201,3 +201,18 @@ def summary_line(fit: LawFit, series: Series, out_dir: str) -> str:
   return (f"{series.y_key} = -{fit.a:.4g}*exp({series.x_key}) + {fit.b:.4g}: "
           f"r2 {fit.r2:.4f}, ceiling {fit.ceiling:.4g}, n {fit.n_fit}{pred}, "
           f"skipped {skipped} -> {os.path.join(out_dir, 'law.json')}, law.png")
+
+
+def fit_law(run_dir: str, *, fit_first: int | None = None, x_key: str = DEFAULT_X_KEY,
+            y_key: str | None = None, method: str = "ols") -> str:
+  """``jaxent fit-law``: fits the law to ``run_dir/metrics.jsonl``, writes law.json and law.png.
+
+  Returns the summary line. Raises ``OSError``/``ValueError`` naming what is
+  wrong with the run's metrics.
+  """
+  from jaxent.diagnostics import fit_entropy_law
+  series = read_metrics(run_dir, x_key=x_key, y_key=y_key)
+  fit = fit_entropy_law(series.x, series.y, fit_first=fit_first, method=method)
+  write_law_json(os.path.join(run_dir, "law.json"), law_record(fit, series, fit_first))
+  plot_law(os.path.join(run_dir, "law.png"), fit, series)
+  return summary_line(fit, series, run_dir)

@@ -32,11 +32,9 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxent import models, sampler, sharding
 from jaxent.config import Config, ConfigError
-from jaxent.rollout import bucket_length
+from jaxent.sampler import prompt_bucket
 from jaxent.sharding import AXES
-from jaxent.train import _shard
-from jaxent.train._build import model_config
-from jaxent.train._step import StepSpec, jit_train_step, make_optimizer
+from jaxent.train import StepSpec, jit_train_step, make_optimizer, model_config, state_shardings
 from jaxent.types import Batch, TrainState
 
 GB = 1e9
@@ -103,7 +101,7 @@ class _GenShape(NamedTuple):
 
 
 def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
-  """What one sampler call of the loop holds (``_loop.generate_responses``' bucketing)."""
+  """What one engine call of the loop holds (``rollout.generate``'s bucketing)."""
   ro = cfg.rollout
   chunk = ro.prompts_per_generate if 0 < ro.prompts_per_generate < ro.prompts_per_step \
       else ro.prompts_per_step
@@ -186,10 +184,8 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
     notes.append(plan.note)
 
   tr, ro = cfg.train, cfg.rollout
-  rows = ro.prompts_per_step * ro.samples_per_prompt
-  mb_rows = rows // tr.mini_batches
-  micro = mb_rows // tr.micro_batches
-  p_len = bucket_length(cfg.data.max_prompt_len)
+  mb_rows, micro = cfg.mini_batch_rows, cfg.micro_batch_rows
+  p_len = prompt_bucket(cfg.data.max_prompt_len)
   seq = p_len + ro.max_new_tokens
   tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
   spec = StepSpec(model=mcfg, loss=cfg.loss, micro_batches=tr.micro_batches, temperature=ro.temperature)
@@ -206,7 +202,7 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
     notes.append(f"the mesh needs {plan.size} devices and this machine has {n_local}: the train "
                  f"step is lowered for {plat}, not compiled")
 
-  sh = _shard.state_shardings(mcfg, tx, mesh)
+  sh = state_shardings(mcfg, tx, mesh)
   state = _abstract_state(mcfg, tx, sh)
   batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, sharding.batch_sharding(mesh))
   step = jit_train_step(spec, tx, mesh=mesh)
@@ -247,7 +243,7 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
          else "whole"))
   log(f"  params    {n_params:,} ({n_params / 1e9:.2f} B)")
   log(f"  mesh      {plan.describe()}")
-  log(f"  batch     {rows} rows per step = {tr.mini_batches} mini-batches of {mb_rows} = "
+  log(f"  batch     {cfg.rows_per_step} rows per step = {tr.mini_batches} mini-batches of {mb_rows} = "
       f"{tr.micro_batches} micro-batches of {micro} ({micro // plan.batch_shards} per device over "
       f"data x fsdp = {d * f}); rows of {p_len} + {ro.max_new_tokens} = {seq} tokens")
   log(f"  rollout   {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples per step in "
