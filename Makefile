@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# Lint (ruff) and the layering contracts (import-linter, pyproject.toml) first.
 test: $(STAMP)
+	$(VENV)/bin/ruff check jaxent tests bench
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q tests
 
 # Includes the checks marked slow (a faster test covers each in `make test`).

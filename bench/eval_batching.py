@@ -37,7 +37,7 @@ def main() -> None:
   import numpy as np
 
   from jaxent import models, sampler
-  from jaxent.train import _eval
+  from jaxent import eval as eval_lib
 
   cfg = models.ModelConfig(model_type="qwen2", vocab_size=2048, hidden_size=256, num_layers=4,
                            num_heads=4, num_kv_heads=2, intermediate_size=512,
@@ -46,7 +46,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   prompts = [rng.integers(2, cfg.vocab_size, size=int(n)).tolist()
              for n in rng.integers(args.min_len, args.max_len + 1, size=args.prompts)]
-  per_call = _eval._samples_per_call(args.k, args.rows)  # pylint: disable=protected-access
+  per_call = eval_lib.samples_per_call(args.k, args.rows)
   ppc = min(len(prompts), max(1, args.rows // per_call))
   p_bucket = sampler.Sampler(cfg).prompt_bucket(max(map(len, prompts)))
   key = jax.random.PRNGKey(0)

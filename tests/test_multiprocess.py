@@ -119,7 +119,7 @@ def test_a_process_without_coordinator_exits_with_a_message(tmp_path):
 
 _SURVIVOR = """
 import os, sys, time
-from jaxent.train import initialize_distributed
+from jaxent.apps import initialize_distributed
 info = initialize_distributed("127.0.0.1:{port}", 2, int(sys.argv[1]), timeout_s=60, heartbeat_timeout_s=5)
 print("joined", info.process_index, info.process_count, flush=True)
 if info.process_index == 0:
