@@ -286,6 +286,33 @@ def test_trainer_death_takes_grader_processes_down(tmp_path):
   assert not alive, f"grader processes outlived the trainer: {alive}"
 
 
+def test_grader_processes_never_run_the_trainers_main(tmp_path):
+  """Workers fork from the grader server, never from the trainer, and nothing
+  re-imports the trainer's ``__main__`` (multiprocessing's spawn and forkserver
+  re-import it in every worker, with all it imports: JAX, in a trainer)."""
+  import subprocess
+  import sys
+  marker = tmp_path / "imported"
+  script = tmp_path / "trainer.py"
+  script.write_text(
+      "import os, sys\n"
+      f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+      "from jaxent import rewards as R\n"
+      "if __name__ == '__main__':\n"
+      "  p = R.GraderPool(2)\n"
+      "  res = R.grade_batch('math', ['The answer is 10^10^10^10', r'\\boxed{1}'],"
+      " ['5', '1'], timeout_s=0.5, pool=p)\n"
+      "  pid = p._proc.pid\n"
+      "  kids = open(f'/proc/{pid}/task/{pid}/children').read().split()\n"
+      "  print(res.rewards.tolist(), res.timeouts, len(kids), flush=True)\n"
+      "  p.close()\n")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, check=True).stdout.split("\n")[0]
+  # the timed-out worker was replaced by a fork of the server: still 2 children
+  assert out == "[0.0, 1.0] 1 2"
+  assert marker.read_text() == "__main__\n"
+
+
 def _running(pid):
   try:
     with open(f"/proc/{pid}/stat") as f:
