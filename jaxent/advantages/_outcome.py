@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxent.ops._checks import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
+from jaxent.ops import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
                                 upcast)
 
 

@@ -7,7 +7,7 @@ jit-able with static shapes, never syncs with the host and returns
 from jaxent.losses._covariance import select_clip_cov, select_kl_cov, token_covariance
 from jaxent.losses._policy import clip_cov, kl_cov, ppo_clip
 from jaxent.losses._regularizers import KL_KINDS, entropy_bonus, kl_penalty
-from jaxent.ops._masked import AGG_MODES, aggregate
+from jaxent.ops import AGG_MODES, aggregate
 
 __all__ = [
     "AGG_MODES",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxent import ops
-from jaxent.ops._checks import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
+from jaxent.ops import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
                                 concrete_scalar, upcast)
 
 # Reference (verl) clamp on the log-ratio before exp: e^20 ≈ 5e8 keeps the

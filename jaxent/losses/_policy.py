@@ -28,8 +28,8 @@ from jax import lax
 
 from jaxent import ops
 from jaxent.losses import _covariance as cv
-from jaxent.ops._checks import as_valid, check_scalar, upcast
-from jaxent.ops._masked import _safe_div, check_agg
+from jaxent.ops import as_valid, check_scalar, upcast
+from jaxent.ops import check_agg, safe_div
 
 
 def _prepare(log_prob, old_log_prob, advantages, mask):
@@ -48,7 +48,7 @@ def _prepare(log_prob, old_log_prob, advantages, mask):
 def _token_frac(x, valid, num_tokens):
   """``Σ x·M / N`` with ``N = num_tokens`` (or the local valid count)."""
   n = ops.count_valid(valid) if num_tokens is None else num_tokens
-  return _safe_div(jnp.sum(jnp.where(valid, x, 0).astype(jnp.float32)), n)
+  return safe_div(jnp.sum(jnp.where(valid, x, 0).astype(jnp.float32)), n)
 
 
 def _common_metrics(d, l1, l2, valid, num_tokens):
@@ -69,7 +69,7 @@ def _selection_metrics(sel, valid, cov, num_tokens):
   return {
       "selected_frac": _token_frac(sel.astype(jnp.float32), valid, num_tokens),
       "num_selected": n_sel.astype(jnp.float32),
-      "selected_cov_mean": _safe_div(jnp.sum(jnp.where(sel, cov, 0)).astype(jnp.float32), n_sel),
+      "selected_cov_mean": safe_div(jnp.sum(jnp.where(sel, cov, 0)).astype(jnp.float32), n_sel),
   }
 
 

@@ -11,8 +11,8 @@ from jax import lax
 
 from jaxent import ops
 from jaxent.losses import _covariance as cv
-from jaxent.ops._checks import as_valid, check_float, check_ndim, check_shapes, upcast
-from jaxent.ops._masked import check_agg
+from jaxent.ops import as_valid, check_float, check_ndim, check_shapes, upcast
+from jaxent.ops import check_agg
 
 KL_KINDS = ("k1", "k2", "k3")
 

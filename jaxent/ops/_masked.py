@@ -17,7 +17,7 @@ from jaxent.ops._checks import as_valid, check_ndim, check_scalar, check_shapes,
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   """``num / den`` where ``den > 0``, else 0 (and a zero gradient)."""
   den = jnp.asarray(den, num.dtype)
   ok = den > 0
@@ -64,7 +64,7 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None, *, keepdims: bool = Fa
   """``Σ x·M / Σ M`` over ``axis``; 0 where no element is valid."""
   valid = as_valid(mask)
   total = masked_sum(x, valid, axis=axis, keepdims=keepdims)
-  return _safe_div(total, count_valid(valid, axis=axis, keepdims=keepdims))
+  return safe_div(total, count_valid(valid, axis=axis, keepdims=keepdims))
 
 
 def centered_products(log_prob: jax.Array, advantages: jax.Array,
@@ -170,7 +170,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, agg: str = "token-mean", *,
   x = jnp.where(valid, upcast(per_token), 0)
   if agg == "token-mean":
     n = count_valid(valid) if num_tokens is None else num_tokens
-    return _safe_div(jnp.sum(x), n)
+    return safe_div(jnp.sum(x), n)
   if agg == "seq-mean-token-sum-norm":
     t = per_token.shape[-1] if max_len is None else max_len
     return jnp.sum(x) / jnp.asarray(t, x.dtype)
@@ -178,5 +178,5 @@ def aggregate(per_token: jax.Array, mask: jax.Array, agg: str = "token-mean", *,
   row_sum = jnp.sum(x, axis=-1)
   s = jnp.sum(row_len > 0) if num_seqs is None else num_seqs
   if agg == "seq-mean-token-sum":
-    return _safe_div(jnp.sum(row_sum), s)
-  return _safe_div(jnp.sum(_safe_div(row_sum, row_len)), s)
+    return safe_div(jnp.sum(row_sum), s)
+  return safe_div(jnp.sum(safe_div(row_sum, row_len)), s)
