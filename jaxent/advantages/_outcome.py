@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxent.ops import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
-                                upcast)
+                        upcast)
 
 
 def _check(scores, group_ids, num_groups, valid):

@@ -22,7 +22,7 @@ from jax import lax
 
 from jaxent import ops
 from jaxent.ops import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
-                                concrete_scalar, upcast)
+                        concrete_scalar, upcast)
 
 # Reference (verl) clamp on the log-ratio before exp: e^20 ≈ 5e8 keeps the
 # ratio and its gradient finite in float32.

@@ -1,6 +1,6 @@
 """Layer 1: masked reductions, log-probs/entropy from logits, fixed-shape top-k."""
 from jaxent.ops._checks import (as_valid, check_float, check_ndim, check_scalar, check_shapes,
-                                upcast)
+                                concrete_scalar, upcast)
 from jaxent.ops._logprobs import HiddenAndHead, entropy_from_logits, logprobs_and_entropy
 from jaxent.ops._masked import (AGG_MODES, aggregate, centered_products, check_agg, count_valid,
                                 masked_mean, masked_sum, safe_div)
@@ -17,6 +17,7 @@ __all__ = [
     "check_ndim",
     "check_scalar",
     "check_shapes",
+    "concrete_scalar",
     "count_valid",
     "entropy_from_logits",
     "logprobs_and_entropy",
