@@ -31,8 +31,7 @@ def policy():
 
 def generate_responses(policy, prompts, ro, *, eos_id, key):
   """(tokens, mask) of the rollout layer's generation with the static engine."""
-  toks, _, mask = rollout.generate(rollout.SamplerEngine(), policy, prompts, ro, eos_id=eos_id, key=key)
-  return toks, mask
+  return rollout.generate(rollout.SamplerEngine(), policy, prompts, ro, eos_id=eos_id, key=key)
 
 
 def _ro(**kw) -> RolloutConfig:

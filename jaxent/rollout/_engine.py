@@ -99,7 +99,6 @@ class Chunk(NamedTuple):
   """One call's rows on this host (every process holds every row)."""
   call: Call
   tokens: np.ndarray     # int32 [(stop - start) * samples_per_call, R]
-  logprobs: np.ndarray   # float32, same shape
   mask: np.ndarray       # int32, same shape
 
 
@@ -138,7 +137,6 @@ def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], deco
                           prompt_bucket=p_bucket, batch_bucket=b_bucket)
     if pending is not None:
       yield pending
-    pending = Chunk(call, sharding.host_array(out.tokens), sharding.host_array(out.logprobs),
-                    sharding.host_array(out.mask))  # host sync
+    pending = Chunk(call, sharding.host_array(out.tokens), sharding.host_array(out.mask))  # host sync
   if pending is not None:
     yield pending
