@@ -146,7 +146,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-  name: Literal["ppo_clip", "clip_cov", "kl_cov"] = "ppo_clip"  # GRPO / Clip-higher use ppo_clip
+  name: Literal[LOSSES] = "ppo_clip"  # a jaxent.losses.POLICY_LOSSES family; GRPO / Clip-higher use ppo_clip
   agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
   clip_low: float = 0.2            # PPO epsilon below 1
   clip_high: float = 0.2           # PPO epsilon above 1 (Clip-higher: 0.28)

@@ -245,6 +245,42 @@ def test_kl_cov_and_clip_cov_hand_case():
   np.testing.assert_allclose(cc_m["selected_frac"], 0.5)
 
 
+def test_registry_runs_each_configured_family_like_the_hand_cases():
+  from jaxent.config import LOSSES, LossConfig
+  assert tuple(losses.POLICY_LOSSES) == LOSSES
+  lp = jnp.asarray([[-1.0, -2.0, -0.5, -3.0]])
+  a = jnp.asarray([[1.0, -1.0, 2.0, 0.0]])
+  mask = jnp.ones((1, 4))
+  d = jnp.asarray([[0.1, 0.2, -0.3, 0.4]])
+  x = losses.PolicyInputs(lp, lp - d, a, mask)
+  kl = losses.policy_loss("kl_cov")
+  cfg = LossConfig(name="kl_cov", ratio=0.5, kl_coef=1.0)
+  sel = kl.select(cfg, x, jax.random.key(0))
+  np.testing.assert_array_equal(sel, [[False, False, True, True]])  # top 2 covariances
+  loss, m = kl.loss(cfg, x, sel, {})
+  np.testing.assert_allclose(loss, (-math.exp(0.1) + math.exp(0.2) + (-2 * math.exp(-0.3) + 0.3) + 0.4) / 4,
+                             rtol=1e-6)
+  # Clip-Cov: band (0.4, 1.0) holds tokens 1 and 3, both chosen at ratio 0.5.
+  cc = losses.policy_loss("clip_cov")
+  cfg = LossConfig(name="clip_cov", ratio=0.5, cov_lb=0.4, cov_ub=1.0)
+  x = x._replace(old_log_prob=lp - jnp.asarray([[0.3, 0.2, -0.3, 0.4]]))
+  sel = cc.select(cfg, x, jax.random.key(1))
+  np.testing.assert_array_equal(sel, [[False, True, False, True]])
+  loss, _ = cc.loss(cfg, x, sel, {})
+  np.testing.assert_allclose(loss, (-1.2 + 0.0 + -2 * math.exp(-0.3) + 0.0) / 4, rtol=1e-6)
+  ppo = losses.policy_loss("ppo_clip")
+  assert ppo.select is None
+  loss, _ = ppo.loss(LossConfig(), x, None, dict(num_tokens=jnp.asarray(8.0)))
+  np.testing.assert_allclose(loss, (-1.2 + math.exp(0.2) - 2 * math.exp(-0.3) + 0.0) / 8, rtol=1e-6)
+
+
+def test_registry_names_unknown_and_duplicate_families():
+  with pytest.raises(ValueError, match=r"unknown policy loss 'nope'; known: \['clip_cov', 'kl_cov', 'ppo_clip'\]"):
+    losses.policy_loss("nope")
+  with pytest.raises(ValueError, match="'ppo_clip' is already registered"):
+    losses.register_policy_loss(losses.PolicyLoss("ppo_clip", lambda *a: None))
+
+
 # ---------------------------------------------------------------- NumPy parity
 def test_losses_match_float64_numpy_for_every_mode(batch, result):
   lp, old, a, mask, _ = batch

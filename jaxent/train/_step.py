@@ -112,30 +112,20 @@ def _merge_micro(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _select(lcfg: LossConfig, log_prob, batch: Batch, key):
-  lp = jax.lax.stop_gradient(log_prob)
-  if lcfg.name == "clip_cov":
-    return losses.select_clip_cov(lp, batch.old_log_prob, batch.advantages, batch.response_mask,
-                                  key=key, ratio=lcfg.ratio, cov_lb=lcfg.cov_lb, cov_ub=lcfg.cov_ub,
-                                  clip_low=lcfg.clip_low, clip_high=lcfg.clip_high)
-  if lcfg.name == "kl_cov":
-    return losses.select_kl_cov(lp, batch.advantages, batch.response_mask, ratio=lcfg.ratio)
-  return None
+def _inputs(log_prob, batch: Batch) -> losses.PolicyInputs:
+  return losses.PolicyInputs(log_prob, batch.old_log_prob, batch.advantages, batch.response_mask)
 
 
-def _policy_loss(lcfg: LossConfig, log_prob, entropy, batch: Batch, selection, norms):
+def _select(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, batch: Batch, key):
+  """The family's token selection, made without gradient."""
+  return family.select(lcfg, _inputs(jax.lax.stop_gradient(log_prob), batch), key)
+
+
+def _policy_loss(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, entropy, batch: Batch,
+                 selection, norms):
   """The configured loss on one micro-batch, normalised by mini-batch counts."""
-  args = (log_prob, batch.old_log_prob, batch.advantages, batch.response_mask)
+  loss, m = family.loss(lcfg, _inputs(log_prob, batch), selection, norms)
   common = dict(agg=lcfg.agg, **norms)
-  if lcfg.name == "ppo_clip":
-    loss, m = losses.ppo_clip(*args, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
-                              dual_clip=lcfg.dual_clip, **common)
-  elif lcfg.name == "clip_cov":
-    loss, m = losses.clip_cov(*args, key=None, ratio=lcfg.ratio, cov_lb=lcfg.cov_lb, cov_ub=lcfg.cov_ub,
-                              clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
-                              selection=selection, **common)
-  else:
-    loss, m = losses.kl_cov(*args, ratio=lcfg.ratio, kl_coef=lcfg.kl_coef, selection=selection, **common)
   m = dict(m)
   m["pg_loss"] = loss
   if lcfg.entropy_coef > 0:
@@ -168,7 +158,8 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
   # Selection over the whole mini-batch. With one micro-batch the selection
   # is made inside the loss from the same forward pass (no extra cost); with
   # several, a forward pass without gradient over the mini-batch comes first.
-  needs_sel = lcfg.name in ("clip_cov", "kl_cov")
+  family = losses.policy_loss(lcfg.name)
+  needs_sel = family.select is not None
   selection = None
   if needs_sel and n_micro > 1:
     def fwd(_, mb):
@@ -176,13 +167,13 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
       return None, lp
     _, lp_all = jax.lax.scan(fwd, None, _split_micro(batch, n_micro))
     lp_all = _merge_micro(lp_all)
-    selection = _select(lcfg, lp_all, batch, sel_key)
+    selection = _select(family, lcfg, lp_all, batch, sel_key)
 
   def micro_loss(params, mb, sel):
     lp, ent = response_logprobs(spec, params, mb)
     if needs_sel and sel is None:
-      sel = _select(lcfg, lp, mb, sel_key)
-    loss, m = _policy_loss(lcfg, lp, ent, mb, sel, norms)
+      sel = _select(family, lcfg, lp, mb, sel_key)
+    loss, m = _policy_loss(family, lcfg, lp, ent, mb, sel, norms)
     mm = mb.response_mask
     # token sums, divided by the mini-batch count after accumulation
     m["entropy"] = jnp.where(mm > 0, ent, 0.0).sum() / n_tok
