@@ -45,6 +45,19 @@ def _prepare(log_prob, old_log_prob, advantages, mask):
   return valid, lp, old, a
 
 
+def _weigh(per_token, weights, valid):
+  """``per_token · sg(w)`` (``w`` = 0 at masked positions); ``per_token`` when no weights.
+
+  The weights are importance weights computed from data (e.g.
+  ``rollout_correction``): they scale each token's loss and its gradient,
+  and get no gradient themselves.
+  """
+  if weights is None:
+    return per_token
+  w = jnp.where(valid, upcast(weights).astype(per_token.dtype), 0)
+  return per_token * lax.stop_gradient(w)
+
+
 def _token_frac(x, valid, num_tokens):
   """``Σ x·M / N`` with ``N = num_tokens`` (or the local valid count)."""
   n = ops.count_valid(valid) if num_tokens is None else num_tokens
@@ -83,7 +96,7 @@ def _check_selection(selection, shape):
 
 def ppo_clip(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
              mask: jax.Array, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-             agg: str = "token-mean", num_tokens=None, num_seqs=None,
+             agg: str = "token-mean", weights=None, num_tokens=None, num_seqs=None,
              max_len=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO-clip / GRPO policy loss (clip-higher when ``clip_high > clip_low``).
 
@@ -98,6 +111,9 @@ def ppo_clip(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     clip_low, clip_high: ε_low in [0, 1], ε_high ≥ 0 (Python or traced).
     dual_clip: ``None`` or the dual-clip constant c > 1 (value may be traced).
     agg: aggregation mode, see ``ops.aggregate``.
+    weights: optional ``[B, T]`` importance weights (e.g. from
+      ``rollout_correction``), detached, multiplying the per-token loss;
+      ``None`` leaves the loss untouched.
     num_tokens, num_seqs, max_len: optional global normalizers for
       micro-batch accumulation, see ``ops.aggregate``; ``num_tokens`` also
       normalizes the token-fraction metrics.
@@ -107,7 +123,8 @@ def ppo_clip(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     ``approx_kl`` (mean of ``−d``), ``pg_loss`` (= loss) and, with a dual
     clip, ``clipfrac_lower`` (fraction where the dual clip binds).
   """
-  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages)
+  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages,
+                  weights=weights)
   check_agg(agg)
   cv.check_clip(clip_low, clip_high)
   if dual_clip is not None:
@@ -121,6 +138,7 @@ def ppo_clip(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     lower = (a < 0) & (per_token > l3)
     metrics["clipfrac_lower"] = _token_frac(lower.astype(jnp.float32), valid, num_tokens)
     per_token = jnp.where(a < 0, jnp.minimum(per_token, l3), per_token)
+  per_token = _weigh(per_token, weights, valid)
   loss = _agg(per_token, valid, agg, num_tokens, num_seqs, max_len)
   metrics["pg_loss"] = loss
   return loss, metrics
@@ -129,7 +147,8 @@ def ppo_clip(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
 def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
              mask: jax.Array, *, key: jax.Array | None = None, ratio=2e-4, cov_lb=1.0,
              cov_ub=5.0, clip_low=0.2, clip_high=0.2, agg: str = "token-mean",
-             selection: jax.Array | None = None, k_max: int | None = None, num_tokens=None,
+             weights=None, selection: jax.Array | None = None, k_max: int | None = None,
+             num_tokens=None,
              num_seqs=None, max_len=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clip-Cov: PPO-clip with the gradient of a few high-covariance tokens cut.
 
@@ -146,6 +165,7 @@ def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     cov_lb, cov_ub: the covariance band (open interval).
     clip_low, clip_high: PPO ε_low, ε_high.
     agg: aggregation mode.
+    weights: optional detached ``[B, T]`` importance weights, see ``ppo_clip``.
     selection: optional precomputed bool ``[B, T]`` selection (e.g. this
       micro-batch's rows of ``select_clip_cov`` over the mini-batch); then
       ``key``, ``ratio`` and the band are not used for choosing.
@@ -158,7 +178,8 @@ def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     ``selected_cov_mean`` (mean Cov of the chosen tokens, Cov from the arrays
     passed in), ``pg_loss`` (= loss).
   """
-  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages)
+  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages,
+                  weights=weights)
   check_agg(agg)
   _check_selection(selection, log_prob.shape)
   valid, lp, old, a = _prepare(log_prob, old_log_prob, advantages, mask)
@@ -171,7 +192,7 @@ def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
     cov = cv.token_covariance(lp, a, valid)
   selection = as_valid(selection) & valid
   d, l1, l2 = cv.ppo_clipped(lp, old, a, clip_low, clip_high)
-  per_token = jnp.where(selection, 0, jnp.maximum(l1, l2))
+  per_token = _weigh(jnp.where(selection, 0, jnp.maximum(l1, l2)), weights, valid)
   loss = _agg(per_token, valid, agg, num_tokens, num_seqs, max_len)
   metrics = _common_metrics(d, l1, l2, valid, num_tokens)
   metrics.update(_selection_metrics(selection, valid, cov, num_tokens))
@@ -181,8 +202,8 @@ def clip_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
 
 def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
            mask: jax.Array, *, ratio=2e-4, kl_coef=1.0, agg: str = "token-mean",
-           selection: jax.Array | None = None, k_max: int | None = None, num_tokens=None,
-           num_seqs=None, max_len=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+           weights=None, selection: jax.Array | None = None, k_max: int | None = None,
+           num_tokens=None, num_seqs=None, max_len=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """KL-Cov: an ``|log π − log π_old|`` penalty on the top-covariance tokens.
 
   ``L_i = −A_i·r_i + β·|log π_i − log π_old,i|·[i selected]`` with no PPO
@@ -198,6 +219,8 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
     ratio: fraction of valid tokens to penalise, in (0, 1].
     kl_coef: β ≥ 0 (paper: 1; verl's config default: 0.1).
     agg: aggregation mode.
+    weights: optional detached ``[B, T]`` importance weights multiplying
+      each token's whole loss (both parts), see ``ppo_clip``.
     selection: optional precomputed bool ``[B, T]`` selection.
     k_max: static top-k size; see ``select_kl_cov``.
     num_tokens, num_seqs, max_len: global normalizers, see ``ops.aggregate``.
@@ -209,7 +232,8 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
     ``pg_loss`` (the aggregated ``−A·r`` part) and ``kl_penalty`` (the
     aggregated penalty part; ``loss = pg_loss + kl_penalty``).
   """
-  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages)
+  cv.check_tokens(log_prob, mask, old_log_prob=old_log_prob, advantages=advantages,
+                  weights=weights)
   check_agg(agg)
   check_scalar("kl_coef", kl_coef, low=0)
   _check_selection(selection, log_prob.shape)
@@ -231,8 +255,8 @@ def kl_cov(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
   # values); the split into its two parts is a metric, computed from the
   # penalty alone (pg_loss = loss - kl_penalty), so a caller that only
   # differentiates the loss pays for one reduction, not two.
-  loss = _agg(pg + penalty, valid, agg, num_tokens, num_seqs, max_len)
-  pen_loss = _agg(penalty, valid, agg, num_tokens, num_seqs, max_len)
+  loss = _agg(_weigh(pg + penalty, weights, valid), valid, agg, num_tokens, num_seqs, max_len)
+  pen_loss = _agg(_weigh(penalty, weights, valid), valid, agg, num_tokens, num_seqs, max_len)
   pg_loss = loss - pen_loss
   metrics = {
       "clipfrac": jnp.zeros((), jnp.float32),
