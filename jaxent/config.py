@@ -26,7 +26,7 @@ from jaxent.errors import ConfigError
 
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
+LOSSES = ("ppo_clip", "clip_cov", "kl_cov", "gspo", "cispo", "gmpo")
 
 
 def decoding_problem(*, temperature, top_p, top_k) -> tuple[str, str] | None:
@@ -109,6 +109,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CorrectionConfig:
+  """Rollout correction: the trainer's log pi_old against the sampler's log-probs."""
+  level: Literal["token", "sequence"] = "token"   # per-token ratios, or one ratio per row
+  # a float u: TIS, weights min(w, u); "lo_hi" (e.g. "0.5_5.0"): IcePop, 0 outside [lo, hi];
+  # null: no importance weights (rejection only)
+  threshold: float | str | None = 2.0
+  # comma-separated "option:threshold" rejection masks, ANDed (e.g. "seq_mean_k1:0.999_1.001"); null = none
+  rejection: str | None = None
+  batch_normalize: bool = False                   # divide the weights by their batch mean
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
   prompts_per_step: int = 32       # prompts sampled per RL step
   samples_per_prompt: int = 8      # responses per prompt (the GRPO group size)
@@ -128,6 +140,9 @@ class RolloutConfig:
   reward: str = "math"             # reward function name (jaxent.rewards)
   reward_timeout_s: float = 5.0    # per-response grading time limit
   scale_by_std: bool = True        # GRPO std scaling (False = Dr.GRPO)
+  # importance weights / rejection against the sampler's log-probs (TIS, IcePop, rejection
+  # masks; jaxent.losses.rollout_correction); null = off
+  correction: CorrectionConfig | None = None
 
   def validate(self, key: str = "rollout") -> None:
     _check(self.prompts_per_step >= 1, f"{key}.prompts_per_step", "must be >= 1")
@@ -145,11 +160,27 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class AdaptiveEntropyConfig:
+  """Skywork-OR1's adaptive entropy coefficient; it starts at ``loss.entropy_coef``."""
+  target: float = 0.2              # entropy target (TRL entropy_target)
+  delta: float = 0.005             # coefficient step per optimizer update (TRL entropy_coef_delta)
+  min: float = 0.0                 # coefficient floor (TRL entropy_coef_min)
+  max: float = 1.0                 # coefficient ceiling (TRL entropy_coef_max)
+
+  def validate(self, key: str = "loss.adaptive_entropy") -> None:
+    for name in ("target", "delta", "min", "max"):
+      _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+    _check(self.min <= self.max, f"{key}.min", f"must be <= {key}.max ({self.max})")
+
+
+@dataclass(frozen=True)
 class LossConfig:
   name: Literal[LOSSES] = "ppo_clip"  # a jaxent.losses.POLICY_LOSSES family; GRPO / Clip-higher use ppo_clip
   agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-  clip_low: float = 0.2            # PPO epsilon below 1
-  clip_high: float = 0.2           # PPO epsilon above 1 (Clip-higher: 0.28)
+  # PPO epsilons below / above 1; null = the family's default (0.2 / 0.2; GSPO 3e-4 / 4e-4,
+  # GMPO 0.4 / 0.4). Clip-higher: clip_high 0.28
+  clip_low: float | None = None
+  clip_high: float | None = None
   dual_clip: float | None = None   # dual-clip constant c for negative advantages (paper: 10)
   ratio: float = 2e-4              # fraction of valid tokens the covariance rule selects
   cov_lb: float = 1.0              # Clip-Cov: lower covariance bound
@@ -158,10 +189,19 @@ class LossConfig:
   entropy_coef: float = 0.0        # entropy bonus (paper: 0)
   ref_kl_coef: float = 0.0         # KL to the reference policy (paper: 0); > 0 computes reference log-probs
   ref_kl_kind: Literal["k1", "k2", "k3"] = "k3"  # estimator of that KL
+  # train on the valid tokens whose entropy is in the top fraction rho of the mini-batch
+  # ("80/20", paper rho = 0.2); 1.0 = every token
+  top_entropy_quantile: float = 1.0
+  # adapt the entropy bonus's coefficient to an entropy target (starts at entropy_coef); null = fixed
+  adaptive_entropy: AdaptiveEntropyConfig | None = None
 
   def validate(self, key: str = "loss") -> None:
-    _check(self.clip_low >= 0, f"{key}.clip_low", "must be >= 0")
-    _check(self.clip_high >= 0, f"{key}.clip_high", "must be >= 0")
+    _check(self.clip_low is None or self.clip_low >= 0, f"{key}.clip_low", "must be >= 0 or null")
+    _check(self.clip_high is None or self.clip_high >= 0, f"{key}.clip_high", "must be >= 0 or null")
+    _check(0 < self.top_entropy_quantile <= 1, f"{key}.top_entropy_quantile",
+           f"must be in (0, 1] (1 = every token), got {self.top_entropy_quantile}")
+    if self.adaptive_entropy is not None:
+      self.adaptive_entropy.validate(f"{key}.adaptive_entropy")
     _check(self.dual_clip is None or self.dual_clip > 1, f"{key}.dual_clip", "must be > 1 or null")
     _check(0 < self.ratio <= 1, f"{key}.ratio", "must be in (0, 1]")
     _check(self.cov_lb < self.cov_ub, f"{key}.cov_lb", f"must be < loss.cov_ub ({self.cov_ub})")

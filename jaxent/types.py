@@ -45,3 +45,4 @@ class TrainState(NamedTuple):
   params: Any                # model parameters (pytree)
   opt_state: Any             # optax state
   key: jax.Array             # PRNG key for selection randomness
+  loss_state: Any = ()       # the loss's own state (the adaptive entropy coefficient), else ()

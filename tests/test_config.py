@@ -35,7 +35,7 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize("override, needle", [
     ("loss.rato=0.1", "loss.rato: unknown key; did you mean 'loss.ratio'?"),
     ("los.ratio=0.1", "los: unknown key; did you mean 'loss'?"),
-    ("loss.name=grpo", "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov']"),
+    ("loss.name=grpo", "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov', 'gspo', 'cispo', 'gmpo']"),
     ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
     ("train.steps=1.5", "train.steps: expected an integer"),
     ("loss.ratio=0", "loss.ratio: must be in (0, 1]"),

@@ -270,12 +270,12 @@ def test_registry_runs_each_configured_family_like_the_hand_cases():
   np.testing.assert_allclose(loss, (-1.2 + 0.0 + -2 * math.exp(-0.3) + 0.0) / 4, rtol=1e-6)
   ppo = losses.policy_loss("ppo_clip")
   assert ppo.select is None
-  loss, _ = ppo.loss(LossConfig(), x, None, dict(num_tokens=jnp.asarray(8.0)))
+  loss, _ = ppo.loss(LossConfig(), x, None, dict(num_tokens=jnp.asarray(8.0), num_rows=1))
   np.testing.assert_allclose(loss, (-1.2 + math.exp(0.2) - 2 * math.exp(-0.3) + 0.0) / 8, rtol=1e-6)
 
 
 def test_registry_names_unknown_and_duplicate_families():
-  with pytest.raises(ValueError, match=r"unknown policy loss 'nope'; known: \['clip_cov', 'kl_cov', 'ppo_clip'\]"):
+  with pytest.raises(ValueError, match=r"unknown policy loss 'nope'; known: \['cispo', 'clip_cov', 'gmpo', 'gspo', 'kl_cov', 'ppo_clip'\]"):
     losses.policy_loss("nope")
   with pytest.raises(ValueError, match="'ppo_clip' is already registered"):
     losses.register_policy_loss(losses.PolicyLoss("ppo_clip", lambda *a: None))

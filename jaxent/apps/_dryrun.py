@@ -34,7 +34,8 @@ from jaxent import models, sampler, sharding
 from jaxent.config import Config, ConfigError
 from jaxent.sampler import prompt_bucket
 from jaxent.sharding import AXES
-from jaxent.train import StepSpec, jit_train_step, make_optimizer, model_config, state_shardings
+from jaxent.train import (StepSpec, init_loss_state, jit_train_step, make_optimizer, model_config,
+                          state_shardings)
 from jaxent.types import Batch, TrainState
 
 GB = 1e9
@@ -112,11 +113,11 @@ def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
                    rows=bb * ro.samples_per_prompt, slots=slots)
 
 
-def _abstract_state(mcfg, tx, shardings: TrainState) -> TrainState:
+def _abstract_state(mcfg, tx, shardings: TrainState, loss_state=()) -> TrainState:
   params = models.param_shapes(mcfg)
   opt = jax.eval_shape(tx.init, params)
   struct = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
-                      key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                      key=jax.ShapeDtypeStruct((2,), jnp.uint32), loss_state=loss_state)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       struct, shardings)
 
@@ -188,7 +189,8 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   p_len = prompt_bucket(cfg.data.max_prompt_len)
   seq = p_len + ro.max_new_tokens
   tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
-  spec = StepSpec(model=mcfg, loss=cfg.loss, micro_batches=tr.micro_batches, temperature=ro.temperature)
+  spec = StepSpec(model=mcfg, loss=cfg.loss, micro_batches=tr.micro_batches, temperature=ro.temperature,
+                  correction=ro.correction)
 
   if topo_devices is not None:
     mesh = plan.make_mesh(topo_devices)
@@ -202,8 +204,9 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
     notes.append(f"the mesh needs {plan.size} devices and this machine has {n_local}: the train "
                  f"step is lowered for {plat}, not compiled")
 
-  sh = state_shardings(mcfg, tx, mesh)
-  state = _abstract_state(mcfg, tx, sh)
+  loss_state = jax.eval_shape(init_loss_state, cfg.loss)
+  sh = state_shardings(mcfg, tx, mesh, loss_state=loss_state)
+  state = _abstract_state(mcfg, tx, sh, loss_state)
   batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, sharding.batch_sharding(mesh))
   step = jit_train_step(spec, tx, mesh=mesh)
   compiled_stats = None

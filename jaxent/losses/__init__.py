@@ -15,7 +15,8 @@ from jaxent.losses._entropy import (AdaptiveEntropy, AdaptiveEntropyState, adapt
                                     top_entropy_mask)
 from jaxent.losses._families import cispo, gmpo, gspo
 from jaxent.losses._policy import clip_cov, kl_cov, ppo_clip
-from jaxent.losses._registry import POLICY_LOSSES, PolicyInputs, PolicyLoss, policy_loss, register_policy_loss
+from jaxent.losses._registry import (POLICY_LOSSES, PolicyInputs, PolicyLoss, agg_norms, policy_loss,
+                                     register_policy_loss)
 from jaxent.losses._regularizers import KL_KINDS, entropy_bonus, kl_penalty
 from jaxent.ops import AGG_MODES, aggregate
 
@@ -30,6 +31,7 @@ __all__ = [
     "PolicyInputs",
     "PolicyLoss",
     "adaptive_entropy",
+    "agg_norms",
     "aggregate",
     "cispo",
     "clip_cov",

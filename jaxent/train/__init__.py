@@ -8,6 +8,8 @@ from jaxent.train._sft import make_sft_step, sft_loss
 from jaxent.train._shard import init_train_state, place, state_shardings
 from jaxent.train._step import (
     StepSpec,
+    check_correction,
+    init_loss_state,
     init_state,
     jit_logprobs,
     jit_train_step,
@@ -20,7 +22,7 @@ from jaxent.train._step import (
 
 __all__ = [
     "Checkpointer", "Components", "Hook", "MetricsLogger", "StepEnd", "StepSpec", "TrainResult",
-    "arithmetic_files", "build_components", "eval_mesh", "init_state", "init_train_state",
+    "arithmetic_files", "build_components", "check_correction", "eval_mesh", "init_loss_state", "init_state", "init_train_state",
     "jit_logprobs", "jit_train_step", "load_model_or_run", "load_policy", "load_run",
     "make_optimizer", "make_sft_step", "model_config", "model_config_of", "nonfinite_count",
     "place", "response_logprobs", "run_path", "sft_loss", "state_shardings", "step_shardings",

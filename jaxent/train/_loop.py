@@ -29,7 +29,8 @@ from jaxent import eval as eval_lib
 from jaxent.config import Config
 from jaxent.errors import RunDirError, TrainingError
 from jaxent.train import _checkpoint, _logging, _shard
-from jaxent.train._step import StepSpec, jit_logprobs, jit_train_step, make_optimizer
+from jaxent.train._step import (StepSpec, init_loss_state, jit_logprobs, jit_train_step,
+                                make_optimizer)
 from jaxent.types import Batch, TrainState
 
 _EVAL_BATCH = 2048  # held-out prompts per engine call when rollouts are not chunked
@@ -154,12 +155,14 @@ def _setup(cfg: Config, comps: Components, release_params: bool):
   tr = cfg.train
   tx = make_optimizer(cfg.optim, tr.steps * tr.ppo_epochs * tr.mini_batches)
   spec = StepSpec(model=comps.model_config, loss=cfg.loss, micro_batches=tr.micro_batches,
-                  temperature=cfg.rollout.temperature)
+                  temperature=cfg.rollout.temperature, correction=cfg.rollout.correction)
   base_key = jax.random.PRNGKey(tr.seed)
   # The update donates its state: train on a copy (laid out on the mesh) so
   # the caller's params (and the reference policy) stay valid.
-  state_sh = _shard.state_shardings(comps.model_config, tx, mesh)
-  state = _shard.init_train_state(comps.params, tx, jax.random.fold_in(base_key, 1), state_sh)
+  loss_state = init_loss_state(cfg.loss)
+  state_sh = _shard.state_shardings(comps.model_config, tx, mesh, loss_state=loss_state)
+  state = _shard.init_train_state(comps.params, tx, jax.random.fold_in(base_key, 1), state_sh,
+                                  loss_state=loss_state)
   ref_params = _shard.place(comps.params, state_sh.params) if cfg.loss.ref_kl_coef > 0 else None
   if release_params:
     # The train state (and the reference policy) hold copies: the loaded

@@ -29,15 +29,20 @@ AnyMesh = Mesh | AbstractMesh
 
 
 # ----------------------------------------------------------------------------- shardings
-def state_shardings(model_config, tx: optax.GradientTransformation, mesh: AnyMesh) -> TrainState:
-  """Shardings of a ``TrainState``: params by logical axes, optimizer state like its params."""
+def state_shardings(model_config, tx: optax.GradientTransformation, mesh: AnyMesh,
+                    loss_state=()) -> TrainState:
+  """Shardings of a ``TrainState``: params by logical axes, optimizer state like its params.
+
+  ``loss_state`` (a structure like the train state's) is replicated.
+  """
   psh = models.param_shardings(model_config, mesh)
   rep = sharding.replicated(mesh)
   opt_struct = jax.eval_shape(tx.init, models.param_shapes(model_config))
   osh = optax.tree_map_params(tx, lambda _, s: s, opt_struct, psh,
                               transform_non_params=lambda _: rep,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
-  return TrainState(step=rep, params=psh, opt_state=osh, key=rep)
+  return TrainState(step=rep, params=psh, opt_state=osh, key=rep,
+                    loss_state=jax.tree.map(lambda _: rep, loss_state))
 
 
 def constrain_like_params(model_config, tree):
@@ -68,12 +73,14 @@ def place(tree, shardings):
   return jax.tree.map(_put, tree, shardings)
 
 
-def init_train_state(params, tx: optax.GradientTransformation, key, shardings: TrainState) -> TrainState:
+def init_train_state(params, tx: optax.GradientTransformation, key, shardings: TrainState,
+                     loss_state=()) -> TrainState:
   """``TrainState`` at step 0 with ``params`` copied onto the mesh and ``tx.init`` run there."""
   placed = place(params, shardings.params)
   key = _put(jnp.asarray(key) if not isinstance(key, jax.Array) else key, shardings.key)
 
   def init(p, k):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), key=k)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), key=k,
+                      loss_state=loss_state)
 
   return jax.jit(init, out_shardings=shardings)(placed, key)

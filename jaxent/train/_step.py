@@ -18,6 +18,7 @@ import optax
 
 from jaxent import losses, models, ops, sharding
 from jaxent.config import LossConfig, OptimConfig
+from jaxent.errors import ConfigError
 from jaxent.train import _shard
 from jaxent.types import Batch, TrainState
 
@@ -29,6 +30,13 @@ class StepSpec:
   loss: LossConfig
   micro_batches: int = 1
   temperature: float = 1.0     # the rollout temperature: log-probs are of the sampled distribution
+  correction: Any = None       # jaxent.config.CorrectionConfig: weights against the sampler's log-probs
+
+  def __post_init__(self):
+    try:
+      check_correction(self.correction)
+    except ValueError as e:
+      raise ConfigError(f"rollout.correction: {e}") from None
 
 
 def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
@@ -72,8 +80,34 @@ def nonfinite_count(opt_state) -> jax.Array:
   return opt_state.notfinite_count
 
 
-def init_state(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key)
+def init_state(params, tx: optax.GradientTransformation, key: jax.Array, loss: LossConfig | None = None
+               ) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key,
+                    loss_state=init_loss_state(loss))
+
+
+def _adaptive(lcfg: LossConfig) -> losses.AdaptiveEntropy | None:
+  a = lcfg.adaptive_entropy
+  if a is None:
+    return None
+  return losses.adaptive_entropy(lcfg.entropy_coef, target=a.target, delta=a.delta, min_coef=a.min,
+                                 max_coef=a.max)
+
+
+def init_loss_state(lcfg: LossConfig | None):
+  """The loss's own state in the train state: the adaptive entropy coefficient, or ``()``."""
+  adaptive = None if lcfg is None else _adaptive(lcfg)
+  return () if adaptive is None else adaptive.init()
+
+
+def check_correction(correction) -> None:
+  """Raises ``ValueError`` naming the bad ``rollout.correction`` field (traced on shapes only)."""
+  if correction is None:
+    return
+  x = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  jax.eval_shape(functools.partial(losses.rollout_correction, level=correction.level,
+                                   threshold=correction.threshold, rejection=correction.rejection,
+                                   batch_normalize=correction.batch_normalize), x, x, x)
 
 
 def response_logprobs(spec: StepSpec, params, batch: Batch):
@@ -112,8 +146,8 @@ def _merge_micro(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _inputs(log_prob, batch: Batch) -> losses.PolicyInputs:
-  return losses.PolicyInputs(log_prob, batch.old_log_prob, batch.advantages, batch.response_mask)
+def _inputs(log_prob, batch: Batch, weights=None) -> losses.PolicyInputs:
+  return losses.PolicyInputs(log_prob, batch.old_log_prob, batch.advantages, batch.response_mask, weights)
 
 
 def _select(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, batch: Batch, key):
@@ -122,13 +156,22 @@ def _select(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, batch: Batch,
 
 
 def _policy_loss(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, entropy, batch: Batch,
-                 selection, norms):
-  """The configured loss on one micro-batch, normalised by mini-batch counts."""
-  loss, m = family.loss(lcfg, _inputs(log_prob, batch), selection, norms)
-  common = dict(agg=lcfg.agg, **norms)
+                 selection, weights, norms, entropy_coef):
+  """The configured loss on one micro-batch, normalised by mini-batch counts.
+
+  ``entropy_coef`` is the adaptive coefficient (a traced scalar) or None for
+  the fixed ``lcfg.entropy_coef``.
+  """
+  loss, m = family.loss(lcfg, _inputs(log_prob, batch, weights), selection, norms)
+  common = dict(agg=lcfg.agg, **losses.agg_norms(norms))
   m = dict(m)
   m["pg_loss"] = loss
-  if lcfg.entropy_coef > 0:
+  if entropy_coef is not None:
+    # Skywork-OR1 / TRL: a token-mean bonus, here over the mini-batch's tokens.
+    ent_loss, _ = losses.entropy_bonus(entropy, batch.response_mask, agg="token-mean",
+                                       num_tokens=norms["num_tokens"])
+    loss = loss + entropy_coef * ent_loss
+  elif lcfg.entropy_coef > 0:
     ent_loss, _ = losses.entropy_bonus(entropy, batch.response_mask, **common)  # = -agg(H)
     loss = loss + lcfg.entropy_coef * ent_loss
   if lcfg.ref_kl_coef > 0:
@@ -140,9 +183,35 @@ def _policy_loss(family: losses.PolicyLoss, lcfg: LossConfig, log_prob, entropy,
 
 
 def _norms(mask: jax.Array) -> dict:
-  """Mini-batch-wide normalisers for the aggregation modes."""
+  """Mini-batch-wide normalisers for the aggregation modes, and the row count."""
   return dict(num_tokens=mask.sum(), num_seqs=(mask.sum(axis=1) > 0).sum(),
-              max_len=jnp.asarray(mask.shape[1], jnp.float32))
+              max_len=jnp.asarray(mask.shape[1], jnp.float32), num_rows=mask.shape[0])
+
+
+def _correct(c, batch: Batch) -> tuple[Batch, jax.Array, dict]:
+  """Rollout correction over the whole mini-batch: ``(batch, weights, metrics)``.
+
+  Rejected tokens leave the response mask (and so every count); the weights
+  are computed on the original mask.
+  """
+  mask = batch.response_mask
+  weights, keep = losses.rollout_correction(batch.old_log_prob, batch.rollout_log_prob, mask,
+                                            level=c.level, threshold=c.threshold, rejection=c.rejection,
+                                            batch_normalize=c.batch_normalize)
+  valid = mask > 0
+  n = jnp.maximum(valid.sum(), 1)
+  metrics = dict(rc_weight_mean=jnp.where(valid, weights, 0.0).sum() / n,
+                 rc_weight_max=jnp.where(valid, weights, -jnp.inf).max(initial=0.0),
+                 rc_masked_frac=(valid & ~keep).sum() / n)
+  return batch._replace(response_mask=keep.astype(mask.dtype)), weights, metrics
+
+
+def _with_keep(weights, keep):
+  """``weights`` times the bool ``keep`` mask (either may be None)."""
+  if keep is None:
+    return weights
+  k = keep.astype(jnp.float32)
+  return k if weights is None else weights * k
 
 
 def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: TrainState,
@@ -150,56 +219,68 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
   """One optimizer update on one mini-batch. Pure; jit with ``jit_train_step``."""
   n_micro = spec.micro_batches
   lcfg = spec.loss
+  family = losses.policy_loss(lcfg.name)
+  adaptive = _adaptive(lcfg)
   key, sel_key = jax.random.split(state.key)
+  weights, pre_metrics = None, {}
+  if spec.correction is not None:
+    batch, weights, pre_metrics = _correct(spec.correction, batch)
   mask = batch.response_mask
   norms = _norms(mask)
   n_tok = jnp.maximum(norms["num_tokens"], 1.0)
+  quantile = lcfg.top_entropy_quantile
+  entropy_coef = state.loss_state.applied if adaptive is not None else None
 
-  # Selection over the whole mini-batch. With one micro-batch the selection
-  # is made inside the loss from the same forward pass (no extra cost); with
-  # several, a forward pass without gradient over the mini-batch comes first.
-  family = losses.policy_loss(lcfg.name)
+  # Token choices over the whole mini-batch (the family's selection, the
+  # top-entropy mask). With one micro-batch they are made inside the loss
+  # from the same forward pass (no extra cost); with several, a forward pass
+  # without gradient over the mini-batch comes first.
   needs_sel = family.select is not None
-  selection = None
-  if needs_sel and n_micro > 1:
+  needs_keep = quantile < 1
+  selection = keep = None
+  if (needs_sel or needs_keep) and n_micro > 1:
     def fwd(_, mb):
-      lp, _ = response_logprobs(spec, state.params, mb)
-      return None, lp
-    _, lp_all = jax.lax.scan(fwd, None, _split_micro(batch, n_micro))
-    lp_all = _merge_micro(lp_all)
-    selection = _select(family, lcfg, lp_all, batch, sel_key)
+      return None, response_logprobs(spec, state.params, mb)
+    _, (lp_all, ent_all) = jax.lax.scan(fwd, None, _split_micro(batch, n_micro))
+    if needs_sel:
+      selection = _select(family, lcfg, _merge_micro(lp_all), batch, sel_key)
+    if needs_keep:
+      keep = losses.top_entropy_mask(_merge_micro(ent_all), mask, quantile=quantile)
 
-  def micro_loss(params, mb, sel):
+  def micro_loss(params, mb, sel, kept, w):
     lp, ent = response_logprobs(spec, params, mb)
     if needs_sel and sel is None:
       sel = _select(family, lcfg, lp, mb, sel_key)
-    loss, m = _policy_loss(family, lcfg, lp, ent, mb, sel, norms)
+    if needs_keep and kept is None:
+      kept = losses.top_entropy_mask(jax.lax.stop_gradient(ent), mb.response_mask, quantile=quantile)
+    loss, m = _policy_loss(family, lcfg, lp, ent, mb, sel, _with_keep(w, kept), norms, entropy_coef)
     mm = mb.response_mask
     # token sums, divided by the mini-batch count after accumulation
     m["entropy"] = jnp.where(mm > 0, ent, 0.0).sum() / n_tok
     m["log_prob"] = jnp.where(mm > 0, lp, 0.0).sum() / n_tok
+    if needs_keep:
+      m["entropy_mask_kept_frac"] = (kept & (mm > 0)).sum() / n_tok
     return loss, m
 
-  def grad_fn(params, mb, sel):
+  def grad_fn(params, mb, sel, kept, w):
     # Gradients keep the parameters' layout (FSDP / tensor shards), also as
     # the scan carry that accumulates them.
-    out, g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, sel)
+    out, g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, sel, kept, w)
     return out, _shard.constrain_like_params(spec.model, g)
 
   if n_micro == 1:
-    (loss, metrics), grads = grad_fn(state.params, batch, selection)
+    (loss, metrics), grads = grad_fn(state.params, batch, selection, keep, weights)
   else:
-    micro = _split_micro(batch, n_micro)
-    sel_micro = _split_micro(selection, n_micro) if selection is not None else None
+    split = functools.partial(_split_micro, n=n_micro)
+    xs = (split(batch), *(None if x is None else split(x) for x in (selection, keep, weights)))
 
     def body(carry, xs):
       g_acc, l_acc = carry
-      mb, sel = xs
-      (l, m), g = grad_fn(state.params, mb, sel)
+      (l, m), g = grad_fn(state.params, *xs)
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
 
     zeros = _shard.constrain_like_params(spec.model, jax.tree.map(jnp.zeros_like, state.params))
-    (grads, loss), ms = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, sel_micro))
+    (grads, loss), ms = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
     # Normalised by mini-batch counts, the micro-batch metrics add up to the
     # mini-batch values; the one per-selected-token mean is re-weighted.
     metrics = {k: v.sum() for k, v in ms.items()}
@@ -210,11 +291,18 @@ def train_step_impl(spec: StepSpec, tx: optax.GradientTransformation, state: Tra
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]).all()
+  metrics.update(pre_metrics)
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                  skipped=1 - finite.astype(jnp.int32),
                  # apply_if_finite (make_optimizer) skips those updates and counts them
                  nonfinite_in_a_row=getattr(opt_state, "notfinite_count", jnp.zeros((), jnp.int32)))
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=key)
+  loss_state = state.loss_state
+  if adaptive is not None:
+    # The coefficient set from this step's entropy acts from the next step on.
+    metrics["entropy_coef"] = entropy_coef
+    _, loss_state = adaptive.update(metrics["entropy"], loss_state)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=key,
+                         loss_state=loss_state)
   return new_state, metrics
 
 
@@ -249,7 +337,7 @@ def jit_train_step(spec: StepSpec, tx: optax.GradientTransformation, *, mesh=Non
 
 def step_shardings(spec: StepSpec, tx: optax.GradientTransformation, mesh):
   """``(in_shardings, out_shardings)`` of the train step on ``mesh``."""
-  state = _shard.state_shardings(spec.model, tx, mesh)
+  state = _shard.state_shardings(spec.model, tx, mesh, loss_state=init_loss_state(spec.loss))
   return (state, sharding.batch_sharding(mesh)), (state, sharding.replicated(mesh))
 
 
