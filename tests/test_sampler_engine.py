@@ -60,18 +60,19 @@ def test_rows_identical_across_engines_slots_steps_and_chunks(model, temperature
     got = _gen(model, temperature=temperature, engine="continuous", slots=slots,
                steps_per_call=k)
     _assert_same_rows(got, ref)
-  # Chunks of 2, 2 and 1 prompts: each chunk's rows carry their global ids (row_offset).
+  # Chunks of 2, 2 and 1 prompts (padded to the batch bucket of the one call, so the
+  # same programs run): each chunk's rows carry their global ids (row_offset).
   for lo in range(0, len(PROMPTS), 2):
     hi = min(lo + 2, len(PROMPTS))
     got = _gen(model, PROMPTS[lo:hi], budgets=BUDGETS[lo:hi], row_offset=lo * 3,
-               temperature=temperature, batch_buckets=(2,))
+               temperature=temperature, batch_buckets=(8,))
     _assert_same_rows(got, ref, slice(lo * 3, hi * 3))
 
 
 def test_row_offset_selects_the_rows_draws(model):
   """A chunk drawn with another row offset is other rows: its tokens change."""
   ref = _gen(model)
-  shifted = _gen(model, PROMPTS[:2], budgets=BUDGETS[:2], row_offset=1, batch_buckets=(2,))
+  shifted = _gen(model, PROMPTS[:2], budgets=BUDGETS[:2], row_offset=1, batch_buckets=(8,))
   assert not np.array_equal(shifted.tokens, ref.tokens[:6])
   # Row 1 of the shifted chunk is sample 2 of prompt 0 under row id 2: the same draws.
   np.testing.assert_array_equal(shifted.tokens[1], ref.tokens[2])
@@ -191,3 +192,29 @@ def test_no_recompile_as_the_queue_drains(model):
 def test_bad_input_names_the_argument(model, kwargs, name):
   with pytest.raises(ValueError, match=name):
     _gen(model, **kwargs)
+
+
+# ----------------------------------------------------------------------------- rollout
+def test_rollout_engine_from_config_and_rollout_log_prob(model):
+  from jaxent import rollout
+  from jaxent.config import RolloutConfig
+  from jaxent.errors import ConfigError
+
+  ro = RolloutConfig(prompts_per_step=5, samples_per_prompt=3, max_new_tokens=R, top_k=20,
+                     engine="continuous", slots=4, decode_steps_per_call=3, reward="exact")
+  ro.validate()
+  engine = rollout.make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call)
+  assert engine == rollout.SamplerEngine("continuous", 4, 3)
+  key = jax.random.key(7)
+  toks, lps, mask = rollout.generate(engine, model, PROMPTS, ro, eos_id=EOS, key=key)
+  ref = _gen(model, budgets=None, key=key)
+  np.testing.assert_array_equal(toks, ref.tokens)
+  np.testing.assert_array_equal(mask, ref.mask)
+  np.testing.assert_allclose(lps, ref.logprobs, atol=2e-5)
+  # The batch carries the sampler's log-probs where the response mask is 1, 0 elsewhere.
+  batch, _ = rollout.assemble(PROMPTS, toks, mask, np.arange(15, dtype=np.float32),
+                              samples_per_prompt=3, pad_id=0, rollout_log_prob=lps + 1.0)
+  np.testing.assert_allclose(batch.rollout_log_prob, np.where(mask > 0, lps + 1.0, 0.0))
+  for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3)):
+    with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
+      RolloutConfig(**bad).validate()
