@@ -69,8 +69,8 @@ class SlotState(NamedTuple):
   logprobs: jax.Array   # float32 [N, R]
   policy_logprobs: jax.Array  # float32 [N, R]
   mask: jax.Array       # int32 [N, R]
-  draw_steps: jax.Array  # int32: forwards that drew tokens (decode steps + inserts)
-  slot_steps: jax.Array  # int32: rows computed by those forwards
+  draw_steps: jax.Array  # int32: decode steps (forwards over all S slots)
+  slot_steps: jax.Array  # int32: S per decode step, plus each row's first draw at its insert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,12 @@ def _drive(spec: _Spec, params, state: SlotState, scalars, prompt_tok, prompt_po
            row_budget: np.ndarray, n: int, k_steps: int) -> SlotState:
   """The host loop: insert pending rows into free slots, decode, repeat until all rows end."""
   s, m = spec.slots, spec.insert_rows
-  pending = collections.deque(range(len(row_budget)))  # row ids, prompt-major
+  # Longest budget first (ties in row order): a long row started last would
+  # decode alone at the end. A prompt's rows share a budget unless per-row
+  # budgets are given, so they stay together and share a prefill. The order
+  # changes no token: a row's draws depend on its id, not on when it runs.
+  order = sorted(range(len(row_budget)), key=lambda x: (-int(row_budget[x]), x))
+  pending = collections.deque(order)
   free = list(range(s))
   while True:
     while pending and free:
@@ -190,9 +195,9 @@ def _drive(spec: _Spec, params, state: SlotState, scalars, prompt_tok, prompt_po
       del free[:len(take)]
       state = _insert(spec, params, state, prompt_tok[i:i + 1], prompt_pos[i:i + 1],
                       prompt_mask[i:i + 1], dest, rows, budget, *scalars)
-    # Return to the host once enough slots are free to be worth a refill: an
-    # eighth of the slots (at least one), or what is left of the queue.
-    refill_at = min(max(1, s // 8), len(pending)) if pending else s + 1
+    # Return to the host once enough slots are free to be worth a refill: a
+    # sixteenth of the slots (at least one), or what is left of the queue.
+    refill_at = min(max(1, s // 16), len(pending)) if pending else s + 1
     state = _decode(spec, params, state, np.int32(k_steps), np.int32(refill_at), *scalars)
     busy = np.asarray(jax.device_get(state.busy))   # host sync: which slots are free
     free = [int(x) for x in np.flatnonzero(~busy)]
@@ -268,7 +273,7 @@ def _insert(spec: _Spec, params, state: SlotState, tokens, positions, prompt_mas
       row=put(state.row, rows), t=put(state.t, jnp.ones((m,), jnp.int32)),
       budget=put(state.budget, budget), last=put(state.last, tok),
       position=put(state.position, jnp.broadcast_to(positions[0, -1] + 1, (m,))),
-      draw_steps=state.draw_steps + 1, slot_steps=state.slot_steps + m)
+      slot_steps=state.slot_steps + jnp.sum(live, dtype=jnp.int32))
   return _write(state, rows, jnp.zeros((m,), jnp.int32), tok, lp, plp, live, knobs)
 
 

@@ -68,12 +68,15 @@ class SampleOutput(NamedTuple):
 class SampleStats(NamedTuple):
   """What a generation computed (int32 scalars).
 
-  ``slot_steps`` counts the row draws computed (every row of every forward
-  that draws tokens, idle ones included), so ``generated_tokens /
-  slot_steps`` is the slot utilisation, at most 1.
+  ``slot_steps`` counts the row draws computed, idle rows included, so
+  ``generated_tokens / slot_steps`` is the slot utilisation, at most 1.
+  Static engine: ``decode_steps`` counts the draws of the longest row (the
+  prefill's included) and every padded row is computed at each. Continuous
+  engine: ``decode_steps`` counts the decode loop's steps, each over all S
+  slots, and each row's first token (drawn at its insert) adds one.
   """
-  decode_steps: jax.Array      # forwards that drew tokens (prefill draws included)
-  slot_steps: jax.Array        # rows computed, summed over those forwards
+  decode_steps: jax.Array      # forwards that drew tokens for every row / slot
+  slot_steps: jax.Array        # row draws computed (idle rows included)
   generated_tokens: jax.Array  # response tokens kept (sum of mask)
 
 
