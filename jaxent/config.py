@@ -140,6 +140,11 @@ class RolloutConfig:
   reward: str = "math"             # reward function name (jaxent.rewards)
   reward_timeout_s: float = 5.0    # per-response grading time limit
   scale_by_std: bool = True        # GRPO std scaling (False = Dr.GRPO)
+  # generation engine: "static" (one batch decoded until its longest row ends) or
+  # "continuous" (`slots` rows decoded together, refilled from a queue as rows end)
+  engine: str = "static"
+  slots: int = 0                   # continuous engine: rows decoded together; 0 = min(rows, 64)
+  decode_steps_per_call: int = 0   # continuous engine: most decode steps per device call; 0 = max_new_tokens
   # importance weights / rejection against the sampler's log-probs (TIS, IcePop, rejection
   # masks; jaxent.losses.rollout_correction); null = off
   correction: CorrectionConfig | None = None
@@ -157,6 +162,13 @@ class RolloutConfig:
     _check(self.max_gen_batches >= 1, f"{key}.max_gen_batches", "must be >= 1")
     _check(self.max_gen_batches == 1 or self.filter_groups, f"{key}.max_gen_batches",
            f"> 1 refills filtered groups, so it needs {key}.filter_groups = true")
+    _check(self.engine in ("static", "continuous"), f"{key}.engine",
+           f"must be 'static' or 'continuous', got {self.engine!r}")
+    _check(isinstance(self.slots, int) and self.slots >= 0, f"{key}.slots",
+           f"must be an int >= 0 (0: the engine's default), got {self.slots!r}")
+    _check(isinstance(self.decode_steps_per_call, int) and self.decode_steps_per_call >= 0,
+           f"{key}.decode_steps_per_call",
+           f"must be an int >= 0 (0: max_new_tokens), got {self.decode_steps_per_call!r}")
 
 
 @dataclass(frozen=True)

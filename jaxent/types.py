@@ -33,6 +33,9 @@ class Batch(NamedTuple):
   advantages: jax.Array      # float32 [B, R] per-token advantages (GRPO: the row's advantage broadcast)
   old_log_prob: jax.Array    # float32 [B, R] log pi_old of the sampled tokens (behaviour policy)
   ref_log_prob: jax.Array    # float32 [B, R] log pi_ref (zeros when no reference KL is used)
+  # float32 [B, R] the sampler's log-prob of each sampled token under the distribution it was
+  # drawn from (0 where response_mask is 0); None where no sampler produced the batch
+  rollout_log_prob: jax.Array | None = None
 
   @property
   def prompt_len(self) -> int:

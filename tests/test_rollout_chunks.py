@@ -31,7 +31,9 @@ def policy():
 
 def generate_responses(policy, prompts, ro, *, eos_id, key):
   """(tokens, mask) of the rollout layer's generation with the static engine."""
-  return rollout.generate(rollout.SamplerEngine(), policy, prompts, ro, eos_id=eos_id, key=key)
+  toks, _, mask = rollout.generate(rollout.SamplerEngine(), policy, prompts, ro, eos_id=eos_id,
+                                   key=key)
+  return toks, mask
 
 
 def _ro(**kw) -> RolloutConfig:

@@ -61,6 +61,9 @@ def test_run_directory_layout_and_metrics(full_run):
   for r in rows:
     assert 0 < r["entropy"] < np.log(15) + 1e-3           # full-vocabulary entropy in nats
     assert 0 < r["selected_frac"] <= 0.1 + 1e-6           # KL-Cov selects ratio of the tokens
+    # The sampler and the trainer's old-policy forward score the same tokens with the same
+    # parameters (no top-k/top-p): they differ only by float32 rounding.
+    assert 0 <= r["rollout_logprob_diff"] <= r["rollout_logprob_diff_max"] < 1e-3
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
   assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4"]
   saved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))

@@ -110,7 +110,8 @@ class Block(nn.Module):
       kv: None (keys are the T new tokens, S = T) or the whole stacked cache
         ``(k, v)``, each ``[L, B, S, K, N]``; the new keys/values are written
         at ``[layer, :, index:index+T]``.
-      layer, index: int32 scalars (only with ``kv``).
+      layer: int32 scalar (only with ``kv``).
+      index: int32 scalar, or int32 ``[B]`` (one write index per row); only with ``kv``.
 
     Returns:
       ``(x, kv)`` with ``kv`` updated (or None).
@@ -144,13 +145,23 @@ class Block(nn.Module):
     vv = constrain(vv, ("batch", "seq", "kv_heads", "head_dim"))
     if kv is not None:
       ck, cv = kv
-      ck = lax.dynamic_update_slice(ck, kk[None].astype(ck.dtype), (layer, 0, index, 0, 0))
-      cv = lax.dynamic_update_slice(cv, vv[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+      t = q.shape[1]
+      if jnp.ndim(index) == 0:
+        ck = lax.dynamic_update_slice(ck, kk[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+        cv = lax.dynamic_update_slice(cv, vv[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+        live = index + t
+      else:
+        # One write index per row: row b's new keys go to slots index[b] + 0..T-1
+        # (a scatter; writes past the last slot are dropped).
+        rows = jnp.arange(ck.shape[1])[:, None]
+        cols = index[:, None] + jnp.arange(t)[None, :]
+        ck = ck.at[layer, rows, cols].set(kk.astype(ck.dtype), mode="drop")
+        cv = cv.at[layer, rows, cols].set(vv.astype(cv.dtype), mode="drop")
+        live = jnp.max(index) + t
       kv = (ck, cv)
       # Only the written prefix of the cache (slots < index + T, in a few static
       # lengths) is read: the rest has probability 0.
-      att = cached_attention(q, ck, cv, layer, mask, index + q.shape[1],
-                             q_chunk=cfg.attention_chunk)
+      att = cached_attention(q, ck, cv, layer, mask, live, q_chunk=cfg.attention_chunk)
     else:
       # Whole [B, K, G, T, S] scores, or queries cfg.attention_chunk at a time when
       # T exceeds it (same numbers, q_chunk x S memory).

@@ -31,8 +31,10 @@ class KVCache(NamedTuple):
   """Stacked key/value cache.
 
   ``k``, ``v``: ``[L, B, S, K, N]`` (layers, batch, slots, kv heads, head_dim);
-  ``index``: int32 scalar, the next slot to write (the same for every row:
-  ragged prompts are left-padded and the pad slots masked by ``kv_mask``).
+  ``index``: the next slot to write: an int32 scalar shared by every row
+  (ragged prompts are left-padded and the pad slots masked by ``kv_mask``),
+  or int32 ``[B]``, one write index per row (the continuous-batching engine's
+  slots, each at its own point of its own response).
   """
   k: jax.Array
   v: jax.Array
@@ -217,18 +219,29 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Ar
       raise ValueError(f"cache has {lc} layers x batch {bc}; expected "
                        f"{cfg.num_layers} x {b}")
     index = jnp.asarray(cache.index, jnp.int32)
-    if not isinstance(index, jax.core.Tracer) and int(index) + t > s:
-      raise ValueError(f"cache overflow: index {int(index)} + {t} new tokens > {s} slots")
+    if index.ndim not in (0, 1) or (index.ndim == 1 and index.shape != (b,)):
+      raise ValueError(f"cache.index must be a scalar or [batch] = [{b}], got {index.shape}")
+    if not isinstance(index, jax.core.Tracer) and int(jnp.max(index)) + t > s:
+      raise ValueError(f"cache overflow: index {int(jnp.max(index))} + {t} new tokens > {s} slots")
+    # Per-row indices: row b's query t sits at slot index[b] + t.
+    row_index = index[:, None] if index.ndim else index
     if positions is None:
-      positions = default_positions(tokens, None, offset=index)
+      positions = default_positions(tokens, None, offset=row_index)
     valid = jnp.ones((b, s), bool) if kv_mask is None else kv_mask.astype(bool)
     if kv_mask is not None and kv_mask.shape != (b, s):
       raise ValueError(f"kv_mask must be [batch, slots] = {(b, s)}, got {kv_mask.shape}")
     if attention_mask is not None:
+      if index.ndim:
+        raise ValueError("attention_mask with per-row cache indices is not supported; "
+                         "mask the slots with kv_mask")
       valid = valid & lax.dynamic_update_slice(jnp.ones((b, s), bool),
                                                attention_mask.astype(bool), (0, index))
-    causal = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-    mask = causal[None] & valid[:, None, :]
+    if index.ndim:
+      causal = jnp.arange(s)[None, None, :] <= (index[:, None] + jnp.arange(t))[:, :, None]
+      mask = causal & valid[:, None, :]  # [B, T, S]
+    else:
+      causal = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+      mask = causal[None] & valid[:, None, :]
     kv = (cache.k, cache.v)
 
   # The table's rows stay split over "vocab" but its columns are gathered first

@@ -57,6 +57,7 @@ class Rollout(NamedTuple):
 class _Generation(NamedTuple):
   prompts: list[list[int]]
   tokens: np.ndarray
+  logprobs: np.ndarray
   mask: np.ndarray
   rewards: np.ndarray
   counters: dict
@@ -69,8 +70,11 @@ def decoding_of(ro: RolloutConfig, eos_id) -> Decoding:
 
 
 def generate(engine: Engine, model, prompts: list[list[int]], ro: RolloutConfig, *, eos_id, key,
-             mesh=None) -> tuple[np.ndarray, np.ndarray]:
-  """``n = ro.samples_per_prompt`` responses to each prompt: (tokens, mask) on this host.
+             mesh=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``n = ro.samples_per_prompt`` responses to each prompt: (tokens, logprobs, mask) on this host.
+
+  ``logprobs`` are the engine's log-probs of the sampled tokens under the
+  distribution they were drawn from (0 past the end).
 
   Row ``i * n + j`` is sample ``j`` of prompt ``i`` (GRPO groups stay whole and
   consecutive); ``[len(prompts) * n, R]`` each.
@@ -87,8 +91,9 @@ def generate(engine: Engine, model, prompts: list[list[int]], ro: RolloutConfig,
   chunks = list(generate_calls(
       engine, model, prompts, decoding_of(ro, eos_id), samples_per_call=ro.samples_per_prompt,
       key_of=(lambda call: jax.random.fold_in(key, call.index)) if chunked else (lambda _: key),
-      prompts_per_call=c if chunked else None, mesh=mesh))
-  return tuple(np.concatenate([getattr(x, f) for x in chunks]) for f in ("tokens", "mask"))
+      prompts_per_call=c if chunked else None, mesh=mesh, with_logprobs=True))
+  return tuple(np.concatenate([getattr(x, f) for x in chunks])
+               for f in ("tokens", "logprobs", "mask"))
 
 
 def _responses_text(tokens: np.ndarray, mask: np.ndarray, decode) -> list[str]:
@@ -105,7 +110,7 @@ def _generate_and_grade(engine, model, source: PromptSource, task: Task, ro: Rol
   """
   local_prompts, answers = next(source)
   prompts = sharding.gather_prompts(local_prompts)  # this process's prompts -> all of them
-  toks, mask = generate(engine, model, prompts, ro, eos_id=task.eos_id, key=key, mesh=mesh)
+  toks, lps, mask = generate(engine, model, prompts, ro, eos_id=task.eos_id, key=key, mesh=mesh)
   # Each process grades the responses to its own prompts (it holds their answers).
   n_local = len(local_prompts) * ro.samples_per_prompt
   proc = jax.process_index()
@@ -113,7 +118,7 @@ def _generate_and_grade(engine, model, source: PromptSource, task: Task, ro: Rol
   texts = _responses_text(toks[mine], mask[mine], task.decode)
   graded = task.grade(texts, [a for a in answers for _ in range(ro.samples_per_prompt)])
   rewards = sharding.gather_rows(np.asarray(graded.rewards))
-  return _Generation(prompts, toks, mask, rewards, sharding.sum_counters(graded.counters()))
+  return _Generation(prompts, toks, lps, mask, rewards, sharding.sum_counters(graded.counters()))
 
 
 def _add_counters(total: dict, more: dict) -> dict:
@@ -154,5 +159,5 @@ def collect(engine: Engine, model, source: PromptSource, task: Task, ro: Rollout
   batch, stats = assemble([prompts[i] for i in groups], cat("tokens")[rows], cat("mask")[rows],
                           rewards[rows], pad_id=task.pad_id, samples_per_prompt=n,
                           eos_id=task.eos_id, scale_by_std=ro.scale_by_std,
-                          filter_groups=ro.filter_groups)
+                          filter_groups=ro.filter_groups, rollout_log_prob=cat("logprobs")[rows])
   return Rollout(batch=batch, stats=stats, gen_batches=len(gens), reward_counters=counters)

@@ -11,6 +11,7 @@ loop) is the first implementation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import jax
@@ -64,7 +65,24 @@ class Engine(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerEngine:
-  """``jaxent.sampler.generate``: a jitted prefill and a ``lax.while_loop`` decode per call."""
+  """``jaxent.sampler.generate`` with one of its engines.
+
+  ``engine="static"``: a jitted prefill and a ``lax.while_loop`` decode per
+  call. ``engine="continuous"``: ``slots`` rows decoded together and
+  refilled from a queue as rows end, at most ``steps_per_call`` decode steps
+  per device call (None: the sampler's defaults).
+  """
+  engine: str = "static"
+  slots: int | None = None
+  steps_per_call: int | None = None
+
+  def __post_init__(self):
+    if self.engine not in sampler.ENGINE_NAMES:
+      raise ValueError(f"engine must be one of {sampler.ENGINE_NAMES}, got {self.engine!r}")
+    for name in ("slots", "steps_per_call"):
+      x = getattr(self, name)
+      if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {x!r}")
 
   def generate(self, model, prompts, decoding: Decoding, *, num_samples: int, key, mesh=None,
                prompt_bucket: int | None = None, batch_bucket: int | None = None) -> Generated:
@@ -73,18 +91,29 @@ class SamplerEngine:
         top_p=decoding.top_p, top_k=decoding.top_k, eos_id=decoding.eos_id,
         num_samples=num_samples, key=key, mesh=mesh,
         prompt_buckets=None if prompt_bucket is None else (prompt_bucket,),
-        batch_buckets=None if batch_bucket is None else (batch_bucket,))
+        batch_buckets=None if batch_bucket is None else (batch_bucket,),
+        engine=self.engine, slots=self.slots, steps_per_call=self.steps_per_call)
     return Generated(tokens=out.tokens, logprobs=out.logprobs, mask=out.mask)
 
 
-ENGINES: dict[str, Callable[[], Engine]] = {"static": SamplerEngine}
+ENGINES: dict[str, Callable[..., Engine]] = {
+    "static": SamplerEngine,
+    "continuous": functools.partial(SamplerEngine, "continuous"),
+}
 
 
-def make_engine(name: str) -> Engine:
-  """The engine registered under ``name`` (``rollout.engine`` in the config)."""
+def make_engine(name: str, *, slots: int | None = None,
+                steps_per_call: int | None = None) -> Engine:
+  """The engine registered under ``name`` (``rollout.engine`` in the config).
+
+  ``slots`` and ``steps_per_call`` set the continuous engine's S and K
+  (None or 0: its defaults); the static engine ignores them.
+  """
   if name not in ENGINES:
     raise ValueError(f"unknown rollout engine {name!r}; known: {', '.join(sorted(ENGINES))}")
-  return ENGINES[name]()
+  if name == "static":
+    return ENGINES[name]()
+  return ENGINES[name](slots=slots or None, steps_per_call=steps_per_call or None)
 
 
 class Call(NamedTuple):
@@ -100,11 +129,13 @@ class Chunk(NamedTuple):
   call: Call
   tokens: np.ndarray     # int32 [(stop - start) * samples_per_call, R]
   mask: np.ndarray       # int32, same shape
+  logprobs: np.ndarray | None = None  # float32, same shape (with_logprobs=True)
 
 
 def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], decoding: Decoding, *,
                    key_of: Callable[[Call], jax.Array], samples_per_call: int, repeats: int = 1,
-                   prompts_per_call: int | None = None, mesh=None) -> Iterator[Chunk]:
+                   prompts_per_call: int | None = None, mesh=None,
+                   with_logprobs: bool = False) -> Iterator[Chunk]:
   """The one chunked-generation driver: yields each call's rows on the host, in order.
 
   With ``prompts_per_call = c``, the prompts go to the engine ``c`` at a time
@@ -119,7 +150,8 @@ def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], deco
   work on a chunk (decoding, grading) overlaps the device's next call; each
   call's rows are fetched to the host (a sync) before the next is launched,
   so one call's cache is alive at a time. With several processes every
-  process makes the same calls and receives every row.
+  process makes the same calls and receives every row. ``with_logprobs``:
+  also fetch the engine's log-probs of the sampled tokens.
   """
   n = len(prompts)
   if prompts_per_call is None:
@@ -137,6 +169,7 @@ def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], deco
                           prompt_bucket=p_bucket, batch_bucket=b_bucket)
     if pending is not None:
       yield pending
-    pending = Chunk(call, sharding.host_array(out.tokens), sharding.host_array(out.mask))  # host sync
+    pending = Chunk(call, sharding.host_array(out.tokens), sharding.host_array(out.mask),  # host sync
+                    sharding.host_array(out.logprobs) if with_logprobs else None)
   if pending is not None:
     yield pending

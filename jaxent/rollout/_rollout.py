@@ -32,7 +32,8 @@ class RolloutStats:
 def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, response_mask: np.ndarray,
              rewards: np.ndarray, *, samples_per_prompt: int, pad_id: int, prompt_len: int | None = None,
              scale_by_std: bool = True, filter_groups: bool = False, eps: float = 1e-6,
-             eos_id: int | None = None) -> tuple[Batch, RolloutStats]:
+             eos_id: int | None = None,
+             rollout_log_prob: np.ndarray | None = None) -> tuple[Batch, RolloutStats]:
   """Builds the training :class:`Batch` from sampled responses and their rewards.
 
   Args:
@@ -44,6 +45,9 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
     filter_groups: DAPO-style filtering without changing shapes: rows of groups
       whose rewards are all equal get response mask 0 (their advantage is 0
       anyway), so they drop out of every token count.
+    rollout_log_prob: float [P*n, R] the sampler's log-probs of the sampled
+      tokens; kept where the response mask is 1 (0 elsewhere) as
+      ``Batch.rollout_log_prob``. None: zeros.
 
   Returns:
     (batch with zero old/ref log-probs to be filled by a forward pass, stats)
@@ -91,8 +95,16 @@ def assemble(prompts: Sequence[Sequence[int]], response_tokens: np.ndarray, resp
   else:
     has_eos = lengths < r_len
   zeros = np.zeros((rows, r_len), np.float32)
+  if rollout_log_prob is None:
+    rollout_lp = zeros
+  else:
+    if np.shape(rollout_log_prob) != (rows, r_len):
+      raise ValueError(f"rollout_log_prob has shape {np.shape(rollout_log_prob)}; expected "
+                       f"{(rows, r_len)}")
+    rollout_lp = np.where(resp_mask > 0, rollout_log_prob, 0.0).astype(np.float32)
   batch = Batch(tokens=tokens, positions=pos, attention_mask=attn, response_mask=resp_mask,
-                advantages=advantages, old_log_prob=zeros, ref_log_prob=zeros)
+                advantages=advantages, old_log_prob=zeros, ref_log_prob=zeros,
+                rollout_log_prob=rollout_lp)
   stats = RolloutStats(
       reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
       accuracy=float(is_correct(rewards).mean()), response_len_mean=float(lengths.mean()),

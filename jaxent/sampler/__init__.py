@@ -1,12 +1,17 @@
 """Layer 4: on-device generation with a KV cache, and the log-probs RL needs.
 
-``generate(model, prompts, ...)`` runs a jitted prefill and a jitted
-``lax.while_loop`` decode over a preallocated KV cache; see ``_sampler.py``
-for the cache layout and ``_sampling.py`` for the sampling semantics.
+``generate(model, prompts, ..., engine=)`` runs the static engine (a jitted
+prefill and a jitted ``lax.while_loop`` decode over a preallocated KV cache,
+``_sampler.py``) or the continuous-batching engine (slots refilled from a
+host queue as rows end, ``_continuous.py``); ``_sampling.py`` holds the
+sampling semantics.
 """
+from jaxent.sampler._continuous import ContinuousSampler, SlotState
 from jaxent.sampler._sampler import (
+    ENGINE_NAMES,
     TRACE_COUNTS,
     SampleOutput,
+    SampleStats,
     Sampler,
     SamplingParams,
     SamplingState,
@@ -16,8 +21,12 @@ from jaxent.sampler._sampler import (
 from jaxent.sampler._sampling import sample_logits, scale_logits, truncate_logits
 
 __all__ = [
+    "ENGINE_NAMES",
     "TRACE_COUNTS",
+    "ContinuousSampler",
     "SampleOutput",
+    "SampleStats",
+    "SlotState",
     "Sampler",
     "SamplingParams",
     "SamplingState",

@@ -8,7 +8,12 @@ Layout of one call (``B`` prompts, ``n = num_samples``, ``R = max_new_tokens``):
            the slot mask and the last-position logits are repeated n times
            (row i*n + j is sample j of prompt i) and the first token is drawn
   decode:  lax.while_loop over steps t = 1..R-1, one token per row per step,
-           until every row has emitted EOS or t = R
+           until every row has emitted EOS or reached its budget, or t = R
+
+Randomness is per row: row ``r`` (global id ``row_offset + r``) draws step
+``t`` from ``fold_in(fold_in(key, row_offset + r), t)``, so its tokens depend
+on the key, its id and its context only, not on the batch, chunk, slot or
+process that computes it (``_continuous.py`` draws the same way).
 
 Cache slots: a prompt of length l sits at slots P-l..P-1 (pad slots masked
 false in ``kv_mask``), so every row's next token is written at the same slot
@@ -57,6 +62,22 @@ class SampleOutput(NamedTuple):
   mask: jax.Array            # int32 [B*n, R]; 1 up to and including EOS
   lengths: jax.Array         # int32 [B*n]; number of response tokens (sum of mask)
   policy_logprobs: jax.Array | None = None  # float32 [B*n, R]; untruncated policy, on request
+  stats: "SampleStats | None" = None          # work done: decode steps, slot-steps, tokens
+
+
+class SampleStats(NamedTuple):
+  """What a generation computed (int32 scalars).
+
+  ``slot_steps`` counts the row draws computed, idle rows included, so
+  ``generated_tokens / slot_steps`` is the slot utilisation, at most 1.
+  Static engine: ``decode_steps`` counts the draws of the longest row (the
+  prefill's included) and every padded row is computed at each. Continuous
+  engine: ``decode_steps`` counts the decode loop's steps, each over all S
+  slots, and each row's first token (drawn at its insert) adds one.
+  """
+  decode_steps: jax.Array      # forwards that drew tokens for every row / slot
+  slot_steps: jax.Array        # row draws computed (idle rows included)
+  generated_tokens: jax.Array  # response tokens kept (sum of mask)
 
 
 class SamplingParams(NamedTuple):
@@ -75,11 +96,23 @@ class SamplingState(NamedTuple):
   logprobs: jax.Array         # float32 [B, R]
   policy_logprobs: jax.Array  # float32 [B, R]
   mask: jax.Array             # int32 [B, R]
-  done: jax.Array             # bool [B]: emitted EOS (or a batch-padding row)
+  done: jax.Array             # bool [B]: emitted EOS, reached its budget, or a padding row
   last: jax.Array             # int32 [B]: token fed to the next forward
   position: jax.Array         # int32 [B]: RoPE position of ``last``
   cache: Any                  # models.KVCache with Bb * n rows
-  key: jax.Array              # PRNG key, split once per step
+  row_keys: jax.Array         # typed PRNG keys [B]: fold_in(key, row id)
+  budget: jax.Array           # int32 [B]: the row ends after this many tokens
+
+
+def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
+  """``fold_in(key, row_id)`` for each row id: the per-row keys of a generation."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+
+
+def step_keys(keys: jax.Array, t: jax.Array) -> jax.Array:
+  """``fold_in(keys[r], t[r])``: row ``r``'s key for its response token ``t`` (scalar or ``[B]``)."""
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.uint32), keys.shape)
+  return jax.vmap(jax.random.fold_in)(keys, t)
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -158,7 +191,8 @@ class Sampler:
                key: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                eos_id: int | Sequence[int] | None = None, num_samples: int = 1,
                pad_id: int = 0, return_policy_logprobs: bool = False,
-               mesh: Mesh | None = None) -> SampleOutput:
+               mesh: Mesh | None = None, budgets: Sequence[int] | None = None,
+               row_offset: int = 0) -> SampleOutput:
     """See ``jaxent.sampler.generate``; ``params`` is the model's parameter pytree."""
     cfg = self.config
     v = cfg.vocab_size
@@ -167,14 +201,10 @@ class Sampler:
     n = _check_pos_int(num_samples, "num_samples")
     knobs = _check_knobs(temperature, top_p, top_k, eos_id, pad_id, v)
     key = _check_key(key)
-
-    if mesh is None:
-      ambient = jax.sharding.get_mesh()
-      mesh = None if ambient is None or ambient.empty else ambient
-    if mesh is not None and mesh.size == 1:
-      mesh = None
-    shards = 1 if mesh is None else math.prod(
-        mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    row_budget = check_budgets(budgets, len(rows), n, r)
+    offset = check_row_offset(row_offset)
+    mesh = resolve_mesh(mesh)
+    shards = batch_shards(mesh)
 
     b = len(rows)
     p = self.prompt_bucket(max(len(x) for x in rows))
@@ -189,29 +219,38 @@ class Sampler:
     prompt_mask[b:, -1] = True
     live = np.arange(bb) < b
     positions = np.maximum(np.cumsum(prompt_mask, axis=1, dtype=np.int32) - 1, 0)
+    # Padding rows: budget 1 (they start done and draw nothing that is kept).
+    budget = np.ones((bb * n,), np.int32)
+    budget[:b * n] = row_budget
 
-    host = (tokens, positions, prompt_mask, live)
+    host = (tokens, positions, prompt_mask, live, budget)
+    scalars = (knobs, key, np.int32(offset))
     if mesh is None:
       host = jax.device_put(host)
-      state, kv_mask = _prefill(self, params, *host, knobs, key, num_samples=n,
-                                max_new_tokens=r)
+      state, kv_mask = _prefill(self, params, *host, *scalars, num_samples=n, max_new_tokens=r)
       state = _decode(self, params, state, kv_mask, knobs)
     else:
       params = _place_params(cfg, params, mesh)
       host = [jax.device_put(x, _batch_sharding(mesh, x.ndim)) for x in host]
-      knobs = jax.device_put(knobs, NamedSharding(mesh, P()))
-      key = jax.device_put(key, NamedSharding(mesh, P()))
+      scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
       with jax.set_mesh(mesh):
-        state, kv_mask = _prefill(self, params, *host, knobs, key, num_samples=n,
+        state, kv_mask = _prefill(self, params, *host, *scalars, num_samples=n,
                                   max_new_tokens=r)
         state = _decode(self, params, state, kv_mask, knobs)
 
     m = b * n  # drop the batch-padding rows (a static slice)
+    lengths = jnp.sum(state.mask[:m], axis=1, dtype=jnp.int32)
+    stats = SampleStats(decode_steps=state.step, slot_steps=state.step * (bb * n),
+                        generated_tokens=jnp.sum(lengths))
     out = SampleOutput(
         tokens=state.tokens[:m], logprobs=state.logprobs[:m], mask=state.mask[:m],
-        lengths=jnp.sum(state.mask[:m], axis=1, dtype=jnp.int32),
-        policy_logprobs=state.policy_logprobs[:m] if return_policy_logprobs else None)
+        lengths=lengths,
+        policy_logprobs=state.policy_logprobs[:m] if return_policy_logprobs else None,
+        stats=stats)
     return out
+
+
+ENGINE_NAMES = ("static", "continuous")
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, key: jax.Array,
@@ -219,14 +258,20 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
              eos_id: int | Sequence[int] | None = None, num_samples: int = 1,
              return_policy_logprobs: bool = False, mesh: Mesh | None = None, pad_id: int = 0,
              prompt_buckets: Sequence[int] | None = None,
-             batch_buckets: Sequence[int] | None = None, cache_dtype=None) -> SampleOutput:
+             batch_buckets: Sequence[int] | None = None, cache_dtype=None,
+             budgets: Sequence[int] | None = None, engine: str = "static",
+             slots: int | None = None, steps_per_call: int | None = None,
+             row_offset: int = 0) -> SampleOutput:
   """Samples ``num_samples`` responses for each of ``prompts`` on device.
 
   For each prompt ``x`` and step ``t`` the next token is drawn as
   ``y_t ~ pi_trunc(. | x, y_<t)``, where with scaled logits ``z = f(x, y_<t) / T``
   ``pi_trunc(a) ∝ exp(z_a) * 1[a in K]`` and ``K`` is the top-k then top-p set
   (Hugging Face ``TopKLogitsWarper`` / ``TopPLogitsWarper`` semantics; see
-  ``jaxent.sampler.truncate_logits`` for ties). ``T = 0`` is greedy.
+  ``jaxent.sampler.truncate_logits`` for ties). ``T = 0`` is greedy. Row
+  ``r``'s token ``t`` is drawn with the key ``fold_in(fold_in(key, row_offset
+  + r), t)`` whatever the engine, so a row's tokens do not depend on the
+  batch, chunk or slot that computed it.
 
   Args:
     model: a ``models.Model`` (``.config``, ``.params``).
@@ -242,25 +287,59 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
     return_policy_logprobs: also return ``log softmax(z)[y_t]``, the
       untruncated temperature-scaled policy (greedy: T taken as 1).
     mesh: a ``("data", "fsdp", "tensor")`` mesh, or None for the mesh set
-      by ``jax.set_mesh`` (if any). Rows are sharded over ``data`` and
-      ``fsdp``, the KV cache's heads and the parameters per
+      by ``jax.set_mesh`` (if any). Rows (slots) are sharded over ``data``
+      and ``fsdp``, the KV cache's heads and the parameters per
       ``models.param_logical_axes`` over ``tensor``.
     pad_id: token written after the end of a response.
-    prompt_buckets, batch_buckets, cache_dtype: see ``Sampler``.
+    prompt_buckets, batch_buckets, cache_dtype: see ``Sampler``
+      (``batch_buckets``: the static engine only).
+    budgets: optional per-prompt ints in ``[1, R]`` (traced), shared by the
+      prompt's samples (a list of ``B * n`` ints sets each row's): a row ends
+      after that many tokens if no EOS came first.
+    engine: ``"static"`` (one batch decoded until its longest row ends) or
+      ``"continuous"`` (``slots`` rows decoded together, refilled from a
+      queue as rows end; see ``_continuous.py``).
+    slots: the continuous engine's S (default: ``min(B * n, 64)``).
+    steps_per_call: the continuous engine's K, the most decode steps between
+      two returns to the host (default: R).
+    row_offset: the global id of row 0 (row ``r``'s key is
+      ``fold_in(key, row_offset + r)``): a caller that generates a larger
+      batch in chunks passes each chunk's first row to draw what one call
+      would.
 
   Returns:
     ``SampleOutput`` with ``B * n`` rows; row ``i * n + j`` is sample ``j`` of
     prompt ``i``. ``tokens [B*n, R]``; ``logprobs [B*n, R]`` the log-prob of
     each token under the distribution it was drawn from (greedy: 0);
-    ``mask`` 1 up to and including the first EOS; ``lengths = mask.sum(1)``;
-    ``policy_logprobs`` or None. Past the end: tokens ``pad_id``, log-probs 0.
+    ``mask`` 1 up to and including the first EOS (or the budget);
+    ``lengths = mask.sum(1)``; ``policy_logprobs`` or None; ``stats``
+    (``SampleStats``). Past the end: tokens ``pad_id``, log-probs 0.
   """
+  if engine not in ENGINE_NAMES:
+    raise ValueError(f"engine must be one of {ENGINE_NAMES}, got {engine!r}")
+  if slots is not None:
+    _check_pos_int(slots, "slots")
+  if steps_per_call is not None:
+    _check_pos_int(steps_per_call, "steps_per_call")
+  if engine == "continuous":
+    from jaxent.sampler._continuous import ContinuousSampler
+    if slots is None:
+      slots = max(1, min(len(prompts) * int(num_samples), 64)) if isinstance(
+          num_samples, (int, np.integer)) and not isinstance(num_samples, bool) else 1
+    smp = ContinuousSampler(model.config, slots=slots, prompt_buckets=prompt_buckets,
+                            cache_dtype=cache_dtype)
+    return smp.generate(model.params, prompts, max_new_tokens=max_new_tokens, key=key,
+                        temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id,
+                        num_samples=num_samples, pad_id=pad_id,
+                        return_policy_logprobs=return_policy_logprobs, mesh=mesh,
+                        budgets=budgets, row_offset=row_offset, steps_per_call=steps_per_call)
   sampler = Sampler(model.config, prompt_buckets=prompt_buckets, batch_buckets=batch_buckets,
                     cache_dtype=cache_dtype)
   return sampler.generate(model.params, prompts, max_new_tokens=max_new_tokens, key=key,
                           temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id,
                           num_samples=num_samples, pad_id=pad_id,
-                          return_policy_logprobs=return_policy_logprobs, mesh=mesh)
+                          return_policy_logprobs=return_policy_logprobs, mesh=mesh,
+                          budgets=budgets, row_offset=row_offset)
 
 
 # ---------------------------------------------------------------------------- jitted
@@ -296,19 +375,20 @@ def _record(state: SamplingState, tok, lp, plp, knobs: SamplingParams) -> Sampli
       logprobs=put(state.logprobs, jnp.where(alive, lp, 0.0)),
       policy_logprobs=put(state.policy_logprobs, jnp.where(alive, plp, 0.0)),
       mask=put(state.mask, alive.astype(jnp.int32)),
-      done=state.done | is_eos,
+      done=state.done | is_eos | (t + 1 >= state.budget),
       last=tok,
       position=state.position + 1)
 
 
-def _draw(logits, key, knobs: SamplingParams):
+def draw(logits, keys, knobs: SamplingParams):
+  """One token per row from ``logits [B, V]`` with per-row keys ``[B]``."""
   logits = constrain(logits, ("batch", None))  # sampling sorts over the whole vocab
-  return sample_logits(logits, key, knobs.temperature, knobs.top_k, knobs.top_p)
+  return sample_logits(logits, keys, knobs.temperature, knobs.top_k, knobs.top_p)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("num_samples", "max_new_tokens"))
-def _prefill(sampler: Sampler, params, tokens, positions, prompt_mask, live,
-             knobs: SamplingParams, key, *, num_samples: int, max_new_tokens: int):
+def _prefill(sampler: Sampler, params, tokens, positions, prompt_mask, live, budget,
+             knobs: SamplingParams, key, row_offset, *, num_samples: int, max_new_tokens: int):
   """Prefill ``[Bb, P]``, repeat n times, draw token 0 -> (SamplingState, kv_mask)."""
   TRACE_COUNTS["prefill"] += 1
   cfg = sampler.config
@@ -340,13 +420,14 @@ def _prefill(sampler: Sampler, params, tokens, positions, prompt_mask, live,
       done=~rep(live),
       last=jnp.zeros((b,), jnp.int32),
       position=rep(positions[:, -1]),
-      cache=cache, key=key)
+      cache=cache, row_keys=row_keys(key, row_offset + jnp.arange(b, dtype=jnp.int32)),
+      budget=budget)
   rows = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
   state = state._replace(**{f: rows(getattr(state, f)) for f in (
-      "tokens", "logprobs", "policy_logprobs", "mask", "done", "last", "position")})
-  key, sub = jax.random.split(state.key)
-  tok, lp, plp = _draw(logits, sub, knobs)
-  return _record(state._replace(key=key), tok, lp, plp, knobs), kv_mask
+      "tokens", "logprobs", "policy_logprobs", "mask", "done", "last", "position", "row_keys",
+      "budget")})
+  tok, lp, plp = draw(logits, step_keys(state.row_keys, state.step), knobs)
+  return _record(state, tok, lp, plp, knobs), kv_mask
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -363,15 +444,59 @@ def _decode(sampler: Sampler, params, state: SamplingState, kv_mask,
   def body(st: SamplingState) -> SamplingState:
     logits, cache = models.apply(cfg, params, st.last[:, None], st.position[:, None],
                                  cache=st.cache, kv_mask=kv_mask)
-    key, sub = jax.random.split(st.key)
-    tok, lp, plp = _draw(logits[:, 0], sub, knobs)
-    st = st._replace(cache=_constrain_cache(cfg, cache), key=key)
+    tok, lp, plp = draw(logits[:, 0], step_keys(st.row_keys, st.step), knobs)
+    st = st._replace(cache=_constrain_cache(cfg, cache))
     return _record(st, tok, lp, plp, knobs)
 
   return lax.while_loop(cond, body, state)
 
 
 # ---------------------------------------------------------------------------- host side
+def resolve_mesh(mesh: Mesh | None) -> Mesh | None:
+  """``mesh``, else the one set by ``jax.set_mesh``; None for no mesh or one device."""
+  if mesh is None:
+    ambient = jax.sharding.get_mesh()
+    mesh = None if ambient is None or ambient.empty else ambient
+  if mesh is not None and mesh.size == 1:
+    mesh = None
+  return mesh
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """Row shards of ``mesh``: the product of its batch axes (``data * fsdp``)."""
+  return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def check_budgets(budgets, num_prompts: int, num_samples: int, max_new_tokens: int) -> np.ndarray:
+  """Per-row budgets int32 ``[B*n]`` from per-prompt (``B``) or per-row (``B*n``) ints.
+
+  None: every row may use ``max_new_tokens``. Each budget is in
+  ``[1, max_new_tokens]``; a per-prompt budget is shared by its samples.
+  """
+  rows = num_prompts * num_samples
+  if budgets is None:
+    return np.full((rows,), max_new_tokens, np.int32)
+  arr = np.asarray(budgets)
+  if arr.ndim != 1 or arr.size not in (num_prompts, rows) or not (
+      arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+    raise ValueError(f"budgets must be a list of ints, one per prompt ({num_prompts}) or one per "
+                     f"row ({rows}), got {budgets!r}")
+  bad = np.flatnonzero((arr < 1) | (arr > max_new_tokens))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"budgets[{i}] = {int(arr[i])} is outside [1, max_new_tokens = "
+                     f"{max_new_tokens}]")
+  arr = arr.astype(np.int32)
+  return np.repeat(arr, num_samples) if arr.size == num_prompts else arr
+
+
+def check_row_offset(row_offset) -> int:
+  if isinstance(row_offset, bool) or not isinstance(row_offset, (int, np.integer)) \
+      or not 0 <= row_offset < 2**31:
+    raise ValueError(f"row_offset must be an int in [0, 2**31), got {row_offset!r}")
+  return int(row_offset)
+
+
 def _batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
@@ -430,9 +555,20 @@ def _check_knobs(temperature, top_p, top_k, eos_id, pad_id, vocab_size) -> Sampl
 
 
 def _check_key(key) -> jax.Array:
+  """A typed PRNG key (raw ``uint32 [2]`` keys are wrapped as threefry keys)."""
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
     return key
   arr = jnp.asarray(key) if isinstance(key, (jax.Array, np.ndarray)) else None
   if arr is None or arr.shape != (2,) or arr.dtype != jnp.uint32:
     raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}")
-  return arr
+  return jax.random.wrap_key_data(arr)
+
+
+check_key = _check_key
+check_prompts = _check_prompts
+check_knobs = _check_knobs
+check_pos_int = _check_pos_int
+place_params = _place_params
+cache_constrained = _constrain_cache

@@ -115,11 +115,36 @@ def categorical(key: jax.Array, z: jax.Array) -> jax.Array:
   nb = -(-v // _BLOCK)
   e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # 0 at -inf
   e = jnp.pad(e, ((0, 0), (0, nb * _BLOCK - v))).reshape(b, nb, _BLOCK)
-  k1, k2 = jax.random.split(key)
-  blk = _inverse_cdf(jnp.sum(e, axis=-1), jax.random.uniform(k1, (b,)))
+  u1, u2 = _uniforms(key, b)
+  blk = _inverse_cdf(jnp.sum(e, axis=-1), u1)
   inner = jnp.take_along_axis(e, blk[:, None, None], axis=1)[:, 0]
-  tok = blk * _BLOCK + _inverse_cdf(inner, jax.random.uniform(k2, (b,)))
+  tok = blk * _BLOCK + _inverse_cdf(inner, u2)
   return tok.astype(jnp.int32)
+
+
+def is_row_keys(key: jax.Array) -> bool:
+  """Whether ``key`` is a batch of keys (typed ``[B]`` or raw ``uint32 [B, 2]``)."""
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def _uniforms(key: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+  """Two float32 uniforms ``[B]`` each: from one key for the batch, or one key per row.
+
+  With per-row keys, row ``i``'s uniforms depend on ``key[i]`` alone, so a
+  row's draw does not depend on the batch it is computed in.
+  """
+  if is_row_keys(key):
+    if key.shape[0] != b:
+      raise ValueError(f"categorical: {key.shape[0]} row keys for {b} rows")
+
+    def one(k):
+      k1, k2 = jax.random.split(k)
+      return jax.random.uniform(k1, ()), jax.random.uniform(k2, ())
+
+    return jax.vmap(one)(key)
+  k1, k2 = jax.random.split(key)
+  return jax.random.uniform(k1, (b,)), jax.random.uniform(k2, (b,))
 
 
 def _logprob_of(z: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -134,7 +159,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature=1.0, top_k=0,
 
   Args:
     logits: ``[B, V]`` next-token logits, any float dtype.
-    key: PRNG key; rows draw independent uniforms from it.
+    key: PRNG key (rows draw independent uniforms from it), or one key per
+      row (``[B]`` typed keys or ``uint32 [B, 2]``): row ``i`` draws from
+      ``key[i]`` alone, whatever the other rows.
     temperature: traced scalar ``T``; ``T <= 0`` is greedy.
     top_k: traced int scalar; ``<= 0`` disables.
     top_p: traced float scalar; ``>= 1`` disables.

@@ -85,6 +85,14 @@ class _Parts(NamedTuple):
   base_key: jax.Array
 
 
+@jax.jit
+def _logprob_gap(rollout_lp, old_lp, mask):
+  """(sum, max, count) of |log pi_sampler - log pi_old| over a mini-batch's response tokens."""
+  valid = mask > 0
+  gap = jnp.where(valid, jnp.abs(rollout_lp - old_lp), 0.0)
+  return jnp.sum(gap), jnp.max(gap), jnp.sum(valid)
+
+
 @functools.lru_cache(maxsize=8)
 def _cov_stats_fn(mesh):
   """Covariance statistics of the whole rollout, from its mini-batches (replicated scalars)."""
@@ -125,17 +133,21 @@ def _rl_step(parts: _Parts, cfg: Config, comps: Components, state: TrainState, s
     minis.append(mb)
   cov = parts.cov_fn([mb.old_log_prob for mb in minis], [mb.advantages for mb in minis],
                      [mb.response_mask for mb in minis])
+  # The sampler/trainer mismatch: the engine's log-probs against the trainer's old ones.
+  gaps = [_logprob_gap(mb.rollout_log_prob, mb.old_log_prob, mb.response_mask) for mb in minis]
   step_metrics = []
   for _ in range(tr.ppo_epochs):
     for mb in minis:
       state, m = parts.step_fn(state, mb)
       step_metrics.append(m)
-  step_metrics, cov = jax.device_get((step_metrics, cov))  # one device->host sync per RL step
+  step_metrics, cov, gaps = jax.device_get((step_metrics, cov, gaps))  # one device->host sync per RL step
   dt = time.perf_counter() - t0
   row = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
   row["skipped"] = float(np.sum([m["skipped"] for m in step_metrics]))
   row["nonfinite_in_a_row"] = int(step_metrics[-1]["nonfinite_in_a_row"])
   row.update(cov)  # cov, cov_std, cov_p50 ... cov_frac_pos (diagnostics.token_covariance)
+  row["rollout_logprob_diff"] = float(sum(g[0] for g in gaps) / max(sum(g[2] for g in gaps), 1))
+  row["rollout_logprob_diff_max"] = float(max(g[1] for g in gaps))
   row.update(dataclasses.asdict(ro_out.stats))
   row["gen_batches"] = ro_out.gen_batches
   row.update({f"reward_{k}": v for k, v in ro_out.reward_counters.items()})
@@ -168,7 +180,9 @@ def _setup(cfg: Config, comps: Components, release_params: bool):
     # The train state (and the reference policy) hold copies: the loaded
     # parameters need not stay alive beside them for the whole run.
     comps.params = None
-  parts = _Parts(mesh=mesh, engine=rollout.make_engine("static"),
+  ro = cfg.rollout
+  engine = rollout.make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call)
+  parts = _Parts(mesh=mesh, engine=engine,
                  step_fn=jit_train_step(spec, tx, mesh=mesh),
                  logprob_fn=jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh),
                  cov_fn=_cov_stats_fn(mesh), rows_sharding=sharding.batch_sharding(mesh),

@@ -1,0 +1,16 @@
+"""bench/device_suite.sh: its CPU dry path runs every step and reports identical engine rows."""
+import os
+import subprocess
+import sys
+
+
+def test_device_suite_dry_run_on_cpu():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHON=sys.executable,
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on the accelerator machine
+  out = subprocess.run(["bash", os.path.join(root, "bench", "device_suite.sh"), "--dry-run"],
+                       capture_output=True, text=True, env=env, timeout=400)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "tokens identical row by row: True" in out.stdout
+  assert "=== rollout_engine: exit 0" in out.stdout and "=== losses: exit 0" in out.stdout
