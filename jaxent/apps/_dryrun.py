@@ -128,7 +128,7 @@ def _abstract_batch(rows: int, seq: int, resp: int, sharding) -> Batch:
   return Batch(tokens=s(seq, jnp.int32), positions=s(seq, jnp.int32),
                attention_mask=s(seq, jnp.int32), response_mask=s(resp, jnp.float32),
                advantages=s(resp, jnp.float32), old_log_prob=s(resp, jnp.float32),
-               ref_log_prob=s(resp, jnp.float32))
+               ref_log_prob=s(resp, jnp.float32), rollout_log_prob=s(resp, jnp.float32))
 
 
 def _topology_devices(name: str, platform: str | None):

@@ -194,6 +194,8 @@ def _correct(c, batch: Batch) -> tuple[Batch, jax.Array, dict]:
   Rejected tokens leave the response mask (and so every count); the weights
   are computed on the original mask.
   """
+  if batch.rollout_log_prob is None:
+    raise ValueError("rollout.correction needs the sampler's log-probs: Batch.rollout_log_prob is None")
   mask = batch.response_mask
   weights, keep = losses.rollout_correction(batch.old_log_prob, batch.rollout_log_prob, mask,
                                             level=c.level, threshold=c.threshold, rejection=c.rejection,
