@@ -119,6 +119,17 @@ def test_mesh_gives_the_single_device_mask(shape):
     np.testing.assert_array_equal(w, np_top_entropy(h, v, 0.2))
 
 
+def test_explicit_axis_types_mesh_sharded_over_time_too():
+  h, v = make_case(4)
+  want = np.asarray(jitted(0.2)(h, v))
+  mesh = make_mesh(2, 2, 2, axis_types=jax.sharding.AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    sh = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+    f = jax.jit(functools.partial(losses.top_entropy_mask, quantile=0.2))
+    got = f(jax.device_put(h, sh), jax.device_put(v, sh))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_hlo_never_gathers_the_token_array():
   bb, tt = 64, 128
   mesh = mesh_of((2, 2, 2))
