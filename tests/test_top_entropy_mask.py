@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxent import losses
+from jaxent import losses, ops
 from jaxent.ops._quantile import _float64_index
 from jaxent.sharding import collective_sizes, make_mesh
 
@@ -97,6 +97,19 @@ def test_negative_values_and_signed_zero():
   v = np.ones(h.shape, bool)
   for rho in (0.2, 0.5, 0.6, 0.9):
     np.testing.assert_array_equal(jitted(rho)(h, v), np_top_entropy(h, v, rho), err_msg=str(rho))
+
+
+def test_tiny_index_fractions_round_like_float64():
+  # level 0.1 + 2^-45 on 11 values: h = 10·level = 1 + 2.8e-13, so q = a + (b − a)·2.8e-13,
+  # which float64 rounds back onto a unless b − a is large next to a's ulp (or a = 0).
+  p = 0.1 + 2**-45
+  f = jax.jit(lambda x, v: ops.quantile_mask(x, v, p))
+  up = lambda a: float(np.nextafter(np.float32(a), np.float32(np.inf)))
+  for a, b in [(0.0, 2.0), (1.0, 2.0), (1.0, up(1.0)), (-2.0, -1.0), (-1.0, up(-1.0))]:
+    x = np.array([[a - 1, a, b] + [b + 1 + i for i in range(8)]], np.float32)
+    v = np.ones(x.shape, bool)
+    want = x >= np.quantile(x.astype(np.float64), p)
+    np.testing.assert_array_equal(f(x, v), want, err_msg=f"a={a} b={b}")
 
 
 @functools.lru_cache(maxsize=None)
