@@ -18,6 +18,7 @@ machine only ever add time, so the minimum is the least disturbed estimate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -31,6 +32,9 @@ from jaxent import losses, ops
 from jaxent.losses._covariance import token_uniforms
 from jaxent.ops._select import _top_k_exact
 
+
+# Holds the mesh set by --mesh for the whole run.
+_MESH_CONTEXT = contextlib.ExitStack()
 
 # Larger than twice the last-level cache of the machines this runs on (32 MiB).
 _FLUSH_BYTES = 64 << 20
@@ -59,8 +63,21 @@ def main() -> None:
   p.add_argument("--inner", type=int, default=5, help="back-to-back calls per warm timing")
   p.add_argument("--cache", choices=("warm", "cold", "both"), default="both")
   p.add_argument("--ratio", type=float, default=2e-4)
+  p.add_argument("--breakdown", choices=("all", "entropy", "none"), default="all",
+                 help="which breakdown rows to time after the losses")
+  p.add_argument("--mesh", default=None,
+                 help="data,fsdp,tensor sizes, e.g. 8,1,1: shard the batch over a CPU mesh "
+                      "(set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
   args = p.parse_args()
   lp, old, adv, mask, key = _inputs(args.batch, args.time)
+  if args.mesh:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxent.sharding import make_mesh
+    mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
+    _MESH_CONTEXT.enter_context(jax.set_mesh(mesh))
+    sh = NamedSharding(mesh, P(("data", "fsdp")))
+    lp, old, adv, mask = (jax.device_put(x, sh) for x in (lp, old, adv, mask))
   r = args.ratio
 
   def vg(loss_fn):
@@ -71,6 +88,17 @@ def main() -> None:
       "clip_cov": vg(lambda lp, old, adv, mask, key: losses.clip_cov(
           lp, old, adv, mask, key=key, ratio=r)),
       "kl_cov": vg(lambda lp, old, adv, mask, key: losses.kl_cov(lp, old, adv, mask, ratio=r)),
+      "gspo": vg(lambda lp, old, adv, mask, key: losses.gspo(lp, old, adv, mask)),
+      "cispo": vg(lambda lp, old, adv, mask, key: losses.cispo(lp, old, adv, mask)),
+      "gmpo": vg(lambda lp, old, adv, mask, key: losses.gmpo(lp, old, adv, mask)),
+      # The 80/20 recipe: the entropy mask (entropy stand-in: −log π) as the
+      # weights of PPO-clip, selection included.
+      "ppo_clip + top_entropy": vg(lambda lp, old, adv, mask, key: losses.ppo_clip(
+          lp, old, adv, mask, weights=losses.top_entropy_mask(
+              -lax.stop_gradient(lp), mask, quantile=0.2).astype(lp.dtype))),
+      "ppo_clip + rollout_corr": vg(lambda lp, old, adv, mask, key: losses.ppo_clip(
+          lp, old, adv, mask, weights=losses.rollout_correction(
+              old, lp - 0.01, mask, threshold=2.0)[0])),
   }
   k_max = ops.static_count_bound(r, lp.size)
   sel = losses.select_kl_cov(lp, adv, mask, ratio=r)
@@ -79,6 +107,8 @@ def main() -> None:
   # threefry uniforms it used to draw), and the exact top-k: block-pruned as
   # ops.top_k_mask does it, and one flat lax.top_k.
   parts = {
+      "top_entropy_mask": (jax.jit(functools.partial(losses.top_entropy_mask, quantile=0.2)),
+                           (-lp, mask)),
       "select_kl_cov": (jax.jit(functools.partial(losses.select_kl_cov, ratio=r)),
                         (lp, adv, mask)),
       "select_clip_cov": (jax.jit(lambda lp, old, adv, mask, key: losses.select_clip_cov(
@@ -101,12 +131,15 @@ def main() -> None:
       "floor: score + block max": (jax.jit(_score_block_max), (lp, adv, mask, jnp.float32(0.1),
                                                                jnp.float32(-1.5))),
   }
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} mesh={args.mesh} "
         f"tokens={args.batch}x{args.time} ratio={r} k_max={k_max}")
   # The CPU is shared: time the candidates interleaved with the baseline,
   # round by round, and report the median of the per-round ratios.
   cases = {name: (fn, (lp, old, adv, mask, key)) for name, fn in fns.items()}
-  cases.update(parts)
+  if args.breakdown == "entropy":
+    parts = {"top_entropy_mask": parts["top_entropy_mask"]}
+  if args.breakdown != "none":
+    cases.update(parts)
   for fn, fargs in cases.values():
     jax.block_until_ready(fn(*fargs))  # compile + warm-up
   for cache in ("warm", "cold") if args.cache == "both" else (args.cache,):
@@ -146,7 +179,7 @@ def _report(cases, times, cache: str) -> None:
   print(f"cache: {cache}")
   base = times["ppo_clip"]
   for name in cases:
-    if name == "select_kl_cov":
+    if name == "top_entropy_mask":
       print("  breakdown:")
     ratios = [t / b for t, b in zip(times[name], base)]
     print(f"{name:>24s}  {statistics.median(times[name]) * 1e3:8.2f} ms  "

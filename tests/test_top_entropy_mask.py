@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxent import losses
+from jaxent import losses, ops
 from jaxent.ops._quantile import _float64_index
 from jaxent.sharding import collective_sizes, make_mesh
 
@@ -99,6 +99,19 @@ def test_negative_values_and_signed_zero():
     np.testing.assert_array_equal(jitted(rho)(h, v), np_top_entropy(h, v, rho), err_msg=str(rho))
 
 
+def test_tiny_index_fractions_round_like_float64():
+  # level 0.1 + 2^-45 on 11 values: h = 10·level = 1 + 2.8e-13, so q = a + (b − a)·2.8e-13,
+  # which float64 rounds back onto a unless b − a is large next to a's ulp (or a = 0).
+  p = 0.1 + 2**-45
+  f = jax.jit(lambda x, v: ops.quantile_mask(x, v, p))
+  up = lambda a: float(np.nextafter(np.float32(a), np.float32(np.inf)))
+  for a, b in [(0.0, 2.0), (1.0, 2.0), (1.0, up(1.0)), (-2.0, -1.0), (-1.0, up(-1.0))]:
+    x = np.array([[a - 1, a, b] + [b + 1 + i for i in range(8)]], np.float32)
+    v = np.ones(x.shape, bool)
+    want = x >= np.quantile(x.astype(np.float64), p)
+    np.testing.assert_array_equal(f(x, v), want, err_msg=f"a={a} b={b}")
+
+
 @functools.lru_cache(maxsize=None)
 def mesh_of(shape):
   return make_mesh(*shape)
@@ -117,6 +130,17 @@ def test_mesh_gives_the_single_device_mask(shape):
     assert g.sharding.spec[0] == ("data", "fsdp"), g.sharding
     np.testing.assert_array_equal(np.asarray(g), w)
     np.testing.assert_array_equal(w, np_top_entropy(h, v, 0.2))
+
+
+def test_explicit_axis_types_mesh_sharded_over_time_too():
+  h, v = make_case(4)
+  want = np.asarray(jitted(0.2)(h, v))
+  mesh = make_mesh(2, 2, 2, axis_types=jax.sharding.AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    sh = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+    f = jax.jit(functools.partial(losses.top_entropy_mask, quantile=0.2))
+    got = f(jax.device_put(h, sh), jax.device_put(v, sh))
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_hlo_never_gathers_the_token_array():

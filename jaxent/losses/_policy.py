@@ -11,7 +11,10 @@ advantages and ``M`` the mask:
 * KL-Cov: ``L = −A·r + β·|log π − log π_old|·[selected]``, no clipping.
 
 Masked positions are removed with ``jnp.where`` before any arithmetic, so
-NaN/inf there never reach the loss or the gradient.
+NaN/inf there never reach the loss or the gradient. Each loss takes optional
+``weights``: detached per-token importance weights (e.g. from
+``rollout_correction``) multiplying the per-token loss; ``None`` leaves the
+program as it is without them.
 
 Micro-batch accumulation: select over the whole mini-batch first
 (``select_clip_cov`` / ``select_kl_cov``), then call the loss on each
