@@ -164,6 +164,9 @@ def _run_train(args: argparse.Namespace) -> int:
     where = ("" if not isinstance(e, OSError) or getattr(e, "filename", None) or run_dir in str(e)
              else f" (run directory {run_dir})")
     return _error(f"{e}{where}")
+  except KeyboardInterrupt:  # Ctrl-C while loading, before train() catches signals itself
+    print("jaxent: SIGINT before the first step: nothing saved", file=sys.stderr)
+    return EXIT_PREEMPTED
   finally:
     if run is not None:
       run.release()

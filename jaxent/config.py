@@ -204,7 +204,7 @@ class TrainConfig:
   keep_checkpoints: int = 3        # checkpoints kept on disk
   progress: bool = True            # progress bar
   # on SIGTERM/SIGINT: finish the step and save a checkpoint if that fits in this many seconds
-  # (spot/preemptible VMs give about 30 s), then exit 75; 0 = exit without saving
+  # (spot/preemptible VMs give about 30 s), then exit 75; 0 = exit at once without saving
   preempt_grace_s: float = 25.0
 
   def validate(self, key: str = "train") -> None:
@@ -213,7 +213,7 @@ class TrainConfig:
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
     _check(self.ckpt_every >= 0, f"{key}.ckpt_every", "must be >= 0")
     _check(math.isfinite(self.preempt_grace_s) and self.preempt_grace_s >= 0,
-           f"{key}.preempt_grace_s", "must be a finite number >= 0 (0: exit without saving)")
+           f"{key}.preempt_grace_s", "must be a finite number >= 0 (0: exit at once without saving)")
 
 
 @dataclass(frozen=True)

@@ -238,23 +238,27 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
     if is_main:
       for note in run.notes:
         print(f"jaxent: {note}", file=sys.stderr)
+  # Signals are caught from here on: one during the setup stops the run before its first step.
+  saved: dict = {"step": None}  # the newest complete checkpoint, for the preemption messages
   try:
-    return _train(cfg, run_dir, comps, run, is_main=is_main, on_step=on_step,
-                  release_params=release_params)
+    with _preempt.Preemption(cfg.train.preempt_grace_s, lambda: saved["step"]) as pre:
+      return _train(cfg, run_dir, comps, run, pre, saved, is_main=is_main, on_step=on_step,
+                    release_params=release_params)
   finally:
     if own_claim:
       run.release()
 
 
-def _train(cfg: Config, run_dir: str, comps: Components, run: _rundir.Claim, *, is_main: bool,
-           on_step, release_params: bool) -> TrainResult:
+def _train(cfg: Config, run_dir: str, comps: Components, run: _rundir.Claim,
+           pre: _preempt.Preemption, saved: dict, *, is_main: bool, on_step,
+           release_params: bool) -> TrainResult:
   plan, parts, state = _setup(cfg, comps, release_params)
   if plan.note and is_main:
     print(f"jaxent: {plan.note}", file=sys.stderr)
   ckpt, start, state = _open_run(cfg, run_dir, comps, state, run=run, is_main=is_main)
   logger = _logging.MetricsLogger(run_dir, enabled=is_main)
   history, evals, closers = [], [], [ckpt.close, logger.close]
-  saved = {"step": ckpt.latest_step()}
+  saved["step"] = ckpt.latest_step()
 
   def save(step, st):
     ckpt.save(step, st, {"rl_step": step, "data": comps.prompts.get_state()})
@@ -288,26 +292,24 @@ def _train(cfg: Config, run_dir: str, comps: Components, run: _rundir.Claim, *, 
     stop, fits = pre.should_stop(ckpt.last_save_s)
     if not stop:
       return
-    if saved["step"] != done and done > start and fits and cfg.train.preempt_grace_s > 0:
+    if saved["step"] != done and done > start and fits:
       save(done, st)
     pre.saved()
     raise pre.error(done, done if saved["step"] == done else None, ckpt.directory,
                     nothing_new=done == start)
 
-  pre = _preempt.Preemption(cfg.train.preempt_grace_s, lambda: saved["step"])
   try:
-    with pre:
-      preempted(start, state)
-      for step in range(start, cfg.train.steps):
-        state, row = _rl_step(parts, cfg, comps, state, step)
-        end = StepEnd(step + 1, cfg.train.steps, row, state)
-        for hook in hooks:
-          if hook.due(end.step, end.last):
-            hook.fn(end)
-        if end.step < end.last:
-          preempted(end.step, state)
-      if cfg.train.steps > start:
-        save(cfg.train.steps, state)
+    preempted(start, state)
+    for step in range(start, cfg.train.steps):
+      state, row = _rl_step(parts, cfg, comps, state, step)
+      end = StepEnd(step + 1, cfg.train.steps, row, state)
+      for hook in hooks:
+        if hook.due(end.step, end.last):
+          hook.fn(end)
+      if end.step < end.last:
+        preempted(end.step, state)
+    if cfg.train.steps > start:
+      save(cfg.train.steps, state)
   finally:
     for close in reversed(closers):
       close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,13 +35,23 @@ from jaxent.errors import EXIT_PREEMPTED, Preempted
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def _ignore(signum, frame) -> None:
+  """The Python-level handler: the wakeup-fd reader thread acts on the signal."""
+
+
 def _exit_now(line: str) -> None:
   print(f"jaxent: {line}", file=sys.stderr, flush=True)
   os._exit(EXIT_PREEMPTED)
 
 
 class Preemption:
-  """The signal state of one run; ``last_saved()`` names the newest complete checkpoint."""
+  """The signal state of one run; ``last_saved()`` names the newest complete checkpoint.
+
+  Signals are read from ``signal.set_wakeup_fd`` by a thread: Python runs a
+  signal handler only between bytecodes of the main thread, which may sit
+  for minutes inside one device program, so the grace period's clock and a
+  second signal are seen from that thread at once.
+  """
 
   def __init__(self, grace_s: float, last_saved: Callable[[], int | None], *,
                exit_now: Callable[[str], None] = _exit_now):
@@ -50,7 +61,10 @@ class Preemption:
     self._last_saved = last_saved
     self._exit_now = exit_now
     self._previous: dict[int, object] = {}
+    self._old_wakeup: int | None = None
+    self._pipe: tuple[socket.socket, socket.socket] | None = None
     self._timer: threading.Timer | None = None
+    self._lock = threading.Lock()
     self._done = threading.Event()  # set once the loop has finished its preemption save
 
   @property
@@ -58,9 +72,15 @@ class Preemption:
     return signal.Signals(self.signum).name if self.signum else "signal"
 
   def __enter__(self) -> "Preemption":
-    if threading.current_thread() is threading.main_thread():
-      for s in _SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    self._pipe = (r, w)
+    self._old_wakeup = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    for s in _SIGNALS:
+      self._previous[s] = signal.signal(s, _ignore)  # the reader thread acts on it
+    threading.Thread(target=self._read, args=(r,), name="jaxent-preemption", daemon=True).start()
     return self
 
   def __exit__(self, *exc) -> None:
@@ -70,18 +90,38 @@ class Preemption:
     for s, h in self._previous.items():
       signal.signal(s, h)
     self._previous.clear()
+    if self._pipe is not None:
+      signal.set_wakeup_fd(self._old_wakeup)
+      self._pipe[1].close()  # the reader sees EOF and ends
+      self._pipe = None
+
+  def _read(self, r: socket.socket) -> None:
+    with r:
+      while True:
+        try:
+          data = r.recv(64)
+        except OSError:
+          return
+        if not data:
+          return
+        for signum in data:
+          if signum in _SIGNALS:
+            self._on_signal(signum)
 
   def _kept(self) -> str:
     last = self._last_saved()
     return f"the last complete checkpoint is {last}" if last is not None else "no checkpoint yet"
 
-  def _handle(self, signum, frame) -> None:
-    if self.signum is not None:
+  def _on_signal(self, signum: int) -> None:
+    with self._lock:
+      first = self.signum is None
+      if first:
+        self.signum = signum
+        self.deadline = time.monotonic() + self.grace_s
+    if not first:
       self._exit_now(f"second {signal.Signals(signum).name}: exiting at once without a checkpoint; "
                      f"{self._kept()}")
       return
-    self.signum = signum
-    self.deadline = time.monotonic() + self.grace_s
     print(f"jaxent: {self.signame}: finishing the current step, then saving a checkpoint within "
           f"train.preempt_grace_s={self.grace_s:g} s (a second signal exits at once)",
           file=sys.stderr, flush=True)
@@ -119,8 +159,6 @@ class Preemption:
       what = f"checkpoint {saved} saved in {directory}"
     elif nothing_new:
       what = f"no step done since the start; {self._kept()}"
-    elif self.grace_s == 0:
-      what = f"train.preempt_grace_s=0, so no checkpoint saved; {self._kept()}"
     else:
       what = f"no time to save within train.preempt_grace_s={self.grace_s:g} s; {self._kept()}"
     return Preempted(f"{self.signame} after step {step}: {what}; continue with --resume")
