@@ -147,7 +147,8 @@ def _run_train(args: argparse.Namespace) -> int:
   try:
     # The run directory is locked and checked before anything is written into it.
     run = train.claim_run_dir(run_dir, cfg, resume=args.resume, overwrite=args.overwrite,
-                              change_loss=args.change_loss, is_main=jax.process_index() == 0)
+                              change_loss=args.change_loss, command=args.argv,
+                              is_main=jax.process_index() == 0)
     for note in run.notes:
       print(f"jaxent: {note}", file=sys.stderr)
     comps = train.build_components(cfg, data_dir, process_index=jax.process_index(),
@@ -388,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command is None:
     parser.print_help(sys.stderr)
     return EXIT_BAD_INPUT
+  args.argv = ["jaxent", *(sys.argv[1:] if argv is None else argv)]  # recorded in a run's history
   return _COMMANDS[args.command][1](args)
 
 
