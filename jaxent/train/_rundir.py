@@ -328,16 +328,45 @@ def claim(run_dir: str, cfg: Config, *, resume: bool, overwrite: bool = False,
           is_main: bool = True) -> Claim:
   """Checks and locks ``run_dir`` for a launch of ``cfg``; writes nothing but the lock.
 
-  Process 0 (``is_main``) takes the lock, and with ``overwrite`` moves an old
-  run aside; every process makes the read-only checks, so all of them stop
-  on a refused launch. The notes (a stale lock taken over, contents moved)
-  are one line each for the caller to print.
+  Process 0 (``is_main``) takes the lock, judges a fresh run against what
+  the directory holds, and with ``overwrite`` moves an old run aside; every
+  process checks a resume (read-only). With several processes they then
+  agree (one gather): when one refuses, every other one raises too, so none
+  waits for a peer that has stopped. The notes (a stale lock taken over,
+  contents moved) are one line each for the caller to print.
 
   Raises:
     RunDirError: the directory is locked, holds a run (without ``resume`` or
       ``overwrite``), has a file of the run that escapes it or a
       ``checkpoints`` that is not a directory, or ``check_resume`` refuses.
   """
+  try:
+    out = _claim(run_dir, cfg, resume=resume, overwrite=overwrite, change_loss=change_loss,
+                 command=command, is_main=is_main)
+  except RunDirError:
+    _agree(refused=True)
+    raise
+  try:
+    _agree(refused=False)
+  except BaseException:
+    out.release()
+    raise
+  return out
+
+
+def _agree(*, refused: bool) -> None:
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jaxent import sharding
+  if sharding.sum_counters({"refused": int(refused)})["refused"] and not refused:
+    raise RunDirError("another process of this job refused the run directory (its message says "
+                      "why)", errno.ECANCELED)
+
+
+def _claim(run_dir: str, cfg: Config, *, resume: bool, overwrite: bool = False,
+          change_loss: bool = False, command: Sequence[str] | None = None,
+          is_main: bool = True) -> Claim:
   if resume and overwrite:
     raise RunDirError("--resume and --overwrite exclude each other: continue the run, or move it "
                       "aside and start over", errno.EINVAL)
@@ -356,7 +385,8 @@ def claim(run_dir: str, cfg: Config, *, resume: bool, overwrite: bool = False,
                           f"directory", errno.ENOTDIR)
     fingerprint = data_fingerprint(cfg)
     diff: list = []
-    present = _holds_run(run_dir) if os.path.isdir(run_dir) else []
+    # Only process 0 judges a fresh run: the others may look after it has begun writing.
+    present = _holds_run(run_dir) if is_main and os.path.isdir(run_dir) else []
     if resume:
       diff = check_resume(run_dir, cfg, change_loss=change_loss, fingerprint=fingerprint)
     elif present:
