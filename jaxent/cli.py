@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from jaxent.errors import (EXIT_BAD_INPUT, EXIT_NO_COORDINATOR, EXIT_OK, EXIT_TRAINING_STOPPED,
-                           JaxentError, exit_code_of)
+from jaxent.errors import (EXIT_BAD_INPUT, EXIT_NO_COORDINATOR, EXIT_OK, EXIT_PREEMPTED,
+                           EXIT_TRAINING_STOPPED, JaxentError, exit_code_of)
 
 
 def _error(msg: str) -> int:
@@ -95,7 +95,13 @@ def _add_train(sub) -> None:
                  help="override a config value, e.g. --set loss.name=kl_cov (repeatable)")
   p.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the run directory's last complete checkpoint")
+                 help="continue from the run directory's newest intact checkpoint (the config may "
+                      "change only in fields that keep the checkpoint usable)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start a fresh run in a run directory that holds one: the old contents are "
+                      "moved to RUN_DIR.old-<time>, not deleted")
+  p.add_argument("--change-loss", action="store_true",
+                 help="with --resume: allow loss.name to differ from the stored run's")
   p.add_argument("--dry-run", action="store_true",
                  help="validate the config, build the model (no weights) and mesh abstractly, "
                       "compile (or lower) the train step for the target mesh, print the parameter "
@@ -137,21 +143,38 @@ def _run_train(args: argparse.Namespace) -> int:
     import tempfile
     data_dir = tempfile.mkdtemp(prefix=f"jaxent-p{jax.process_index()}-")
     atexit.register(shutil.rmtree, data_dir, True)
+  run = None
   try:
+    # The run directory is locked and checked before anything is written into it.
+    run = train.claim_run_dir(run_dir, cfg, resume=args.resume, overwrite=args.overwrite,
+                              change_loss=args.change_loss, command=args.argv,
+                              is_main=jax.process_index() == 0)
+    for note in run.notes:
+      print(f"jaxent: {note}", file=sys.stderr)
     comps = train.build_components(cfg, data_dir, process_index=jax.process_index(),
                                    process_count=jax.process_count())
     # The CLI needs the loaded parameters only to start: train() drops them
     # once the train state holds its copy (one parameter share per device less).
-    res = train.train(cfg, run_dir, comps, resume=args.resume, release_params=True)
+    res = train.train(cfg, run_dir, comps, resume=args.resume, release_params=True, run=run)
   except (JaxentError, OSError) as e:
     code = exit_code_of(e)
-    if code == EXIT_TRAINING_STOPPED:  # the run stopped itself; its checkpoint is saved
+    if code in (EXIT_TRAINING_STOPPED, EXIT_PREEMPTED):  # stopped; the message names the checkpoint
       print(f"jaxent: {e}", file=sys.stderr)
       return code
     # disk full, run directory not writable or escaping: the last checkpoint is kept
     where = ("" if not isinstance(e, OSError) or getattr(e, "filename", None) or run_dir in str(e)
              else f" (run directory {run_dir})")
     return _error(f"{e}{where}")
+  except KeyboardInterrupt:  # Ctrl-C while loading, before train() catches signals itself
+    print("jaxent: SIGINT before the first step: nothing saved", file=sys.stderr)
+    return EXIT_PREEMPTED
+  finally:
+    if run is not None:
+      run.release()
+  if not res.history and res.start_step >= cfg.train.steps:
+    print(f"jaxent train: {run_dir}: already at step {res.start_step} = train.steps; nothing to "
+          f"do (raise train.steps with --set train.steps=N to continue)")
+    return EXIT_OK
   last = res.history[-1] if res.history else {}
   print(f"jaxent train: {run_dir}: {len(res.history)} steps, reward {last.get('reward_mean')}, "
         f"entropy {last.get('entropy')}")
@@ -366,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command is None:
     parser.print_help(sys.stderr)
     return EXIT_BAD_INPUT
+  args.argv = ["jaxent", *(sys.argv[1:] if argv is None else argv)]  # recorded in a run's history
   return _COMMANDS[args.command][1](args)
 
 

@@ -255,12 +255,17 @@ class TrainConfig:
   ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
   keep_checkpoints: int = 3        # checkpoints kept on disk
   progress: bool = True            # progress bar
+  # on SIGTERM/SIGINT: finish the step and save a checkpoint if that fits in this many seconds
+  # (spot/preemptible VMs give about 30 s), then exit 75; 0 = exit at once without saving
+  preempt_grace_s: float = 25.0
 
   def validate(self, key: str = "train") -> None:
     for name in ("steps", "ppo_epochs", "mini_batches", "micro_batches", "log_every", "keep_checkpoints"):
       _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
     _check(self.ckpt_every >= 0, f"{key}.ckpt_every", "must be >= 0")
+    _check(math.isfinite(self.preempt_grace_s) and self.preempt_grace_s >= 0,
+           f"{key}.preempt_grace_s", "must be a finite number >= 0 (0: exit at once without saving)")
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,11 @@ class Config:
   name: str = "run"                # run name (logs)
 
   def validate(self) -> "Config":
+    parts = self.name.replace("\\", "/").split("/")
+    _check(bool(self.name.strip()) and not self.name.startswith(("/", "~")) and "\0" not in self.name
+           and not any(p in ("", ".", "..") for p in parts), "name",
+           f"must be a relative name (the run directory is runs/<name>), without '..', a leading "
+           f"'/' or '~', or empty parts; got {self.name!r} (use --run-dir for another place)")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if hasattr(v, "validate"):

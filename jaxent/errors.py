@@ -11,6 +11,10 @@ library code that handles builtin errors keeps working.
   exit 3  the run stopped itself after saving a checkpoint: TrainingError
   exit 4  a multi-process job could not join its coordinator in time
           (``EXIT_NO_COORDINATOR``, the status of a process that gives up)
+  exit 75 the run was preempted (SIGTERM or SIGINT) and stopped; the message
+          names the checkpoint saved, and ``--resume`` continues it
+          (``EXIT_PREEMPTED``: sysexits' EX_TEMPFAIL, "try again later", which
+          a job scheduler can treat as "requeue")
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3
 EXIT_NO_COORDINATOR = 4
+EXIT_PREEMPTED = 75
 
 
 class JaxentError(Exception):
@@ -56,6 +61,11 @@ class RunDirError(JaxentError, OSError):
 class TrainingError(JaxentError, RuntimeError):
   """The run cannot go on (the message says why); the last good checkpoint is kept."""
   exit_code = EXIT_TRAINING_STOPPED
+
+
+class Preempted(JaxentError):
+  """The run stopped on SIGTERM or SIGINT; the message names the checkpoint it saved (if any)."""
+  exit_code = EXIT_PREEMPTED
 
 
 def exit_code_of(error: BaseException) -> int | None:

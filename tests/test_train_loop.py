@@ -52,7 +52,8 @@ def full_run(tmp_path_factory):
 
 def test_run_directory_layout_and_metrics(full_run):
   _, res, run_dir = full_run
-  assert sorted(os.listdir(run_dir)) >= ["checkpoints", "config.yaml", "data", "metrics.jsonl", "tb"]
+  assert set(os.listdir(run_dir)) >= {"checkpoints", "config.yaml", "data", "metrics.jsonl", "tb",
+                                      "history.jsonl", "run.lock"}
   rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   missing = KEYS - set(rows[0])

@@ -163,7 +163,7 @@ def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None
       run_dir = os.path.join(out_dir, method, f"seed{seed}")
       comps = build_components(cfg, run_dir, params=params0)
       t0 = time.perf_counter()
-      res = train(cfg, run_dir, comps)
+      res = train(cfg, run_dir, comps, overwrite=True)  # a rerun moves the old one aside
       hist = res.history
       ent = [h["entropy"] for h in hist]
       runs.setdefault(method, []).append({

@@ -3,6 +3,8 @@ from jaxent.train._build import arithmetic_files, build_components, load_policy,
 from jaxent.train._checkpoint import Checkpointer, run_path
 from jaxent.train._logging import MetricsLogger
 from jaxent.train._loop import Components, Hook, StepEnd, TrainResult, train
+from jaxent.train._rundir import Claim
+from jaxent.train._rundir import claim as claim_run_dir
 from jaxent.train._restore import eval_mesh, load_model_or_run, load_run, model_config_of
 from jaxent.train._sft import make_sft_step, sft_loss
 from jaxent.train._shard import init_train_state, place, state_shardings
@@ -21,8 +23,9 @@ from jaxent.train._step import (
 )
 
 __all__ = [
-    "Checkpointer", "Components", "Hook", "MetricsLogger", "StepEnd", "StepSpec", "TrainResult",
-    "arithmetic_files", "build_components", "check_correction", "eval_mesh", "init_loss_state", "init_state", "init_train_state",
+    "Checkpointer", "Claim", "Components", "Hook", "MetricsLogger", "StepEnd", "StepSpec", "TrainResult",
+    "arithmetic_files", "build_components", "check_correction", "claim_run_dir", "eval_mesh",
+    "init_loss_state", "init_state", "init_train_state",
     "jit_logprobs", "jit_train_step", "load_model_or_run", "load_policy", "load_run",
     "make_optimizer", "make_sft_step", "model_config", "model_config_of", "nonfinite_count",
     "place", "response_logprobs", "run_path", "sft_loss", "state_shardings", "step_shardings",

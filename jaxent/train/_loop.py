@@ -28,7 +28,7 @@ from jaxent import diagnostics, models, rollout, sharding
 from jaxent import eval as eval_lib
 from jaxent.config import Config
 from jaxent.errors import RunDirError, TrainingError
-from jaxent.train import _checkpoint, _logging, _shard
+from jaxent.train import _checkpoint, _logging, _preempt, _rundir, _shard
 from jaxent.train._step import (StepSpec, init_loss_state, jit_logprobs, jit_train_step,
                                 make_optimizer)
 from jaxent.types import Batch, TrainState
@@ -52,6 +52,7 @@ class TrainResult:
   history: list[dict]
   evals: list[dict]
   stopped_early: str | None = None
+  start_step: int = 0       # the step the run started (or resumed) from
 
 
 @dataclasses.dataclass
@@ -225,7 +226,8 @@ def _progress_hook(cfg: Config, start: int, closers: list) -> Hook:
 
 def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
           is_main: bool | None = None, on_step: Callable[[dict], None] | None = None,
-          release_params: bool = False) -> TrainResult:
+          release_params: bool = False, overwrite: bool = False,
+          run: _rundir.Claim | None = None) -> TrainResult:
   """Runs ``cfg.train.steps`` RL steps, writing the run directory layout of DESIGN.md.
 
   The run is one SPMD program over the mesh of ``cfg.mesh``
@@ -235,18 +237,49 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   prompts (``comps.prompts``), grades its own responses, and the global batch
   is assembled on every host; only ``is_main`` (process 0) writes files.
 
+  The run directory is claimed first (``_rundir.claim``: its lock, and a
+  fresh run refused where a run already is unless ``overwrite``; a resume
+  whose config does not fit the stored run refused) unless the caller passes
+  its own ``run`` claim, which it then releases. SIGTERM and SIGINT stop the
+  run after the current step with a checkpoint (``_preempt``; raises
+  ``Preempted``).
+
   ``release_params``: set ``comps.params`` to None once the train state holds
   its copy, so the loaded parameters do not stay alive for the whole run (the
   CLI does; a caller that reuses ``comps`` leaves it False).
   """
   is_main = jax.process_index() == 0 if is_main is None else is_main
+  own_claim = run is None
+  if own_claim:
+    run = _rundir.claim(run_dir, cfg, resume=resume, overwrite=overwrite, is_main=is_main)
+    if is_main:
+      for note in run.notes:
+        print(f"jaxent: {note}", file=sys.stderr)
+  # Signals are caught from here on: one during the setup stops the run before its first step.
+  saved: dict = {"step": None}  # the newest complete checkpoint, for the preemption messages
+  try:
+    with _preempt.Preemption(cfg.train.preempt_grace_s, lambda: saved["step"]) as pre:
+      return _train(cfg, run_dir, comps, run, pre, saved, is_main=is_main, on_step=on_step,
+                    release_params=release_params)
+  finally:
+    if own_claim:
+      run.release()
+
+
+def _train(cfg: Config, run_dir: str, comps: Components, run: _rundir.Claim,
+           pre: _preempt.Preemption, saved: dict, *, is_main: bool, on_step,
+           release_params: bool) -> TrainResult:
   plan, parts, state = _setup(cfg, comps, release_params)
   if plan.note and is_main:
     print(f"jaxent: {plan.note}", file=sys.stderr)
-  ckpt, start, state = _open_run(cfg, run_dir, comps, state, resume=resume, is_main=is_main)
+  ckpt, start, state = _open_run(cfg, run_dir, comps, state, run=run, is_main=is_main)
   logger = _logging.MetricsLogger(run_dir, enabled=is_main)
   history, evals, closers = [], [], [ckpt.close, logger.close]
-  save = lambda step, st: ckpt.save(step, st, {"rl_step": step, "data": comps.prompts.get_state()})  # noqa: E731
+  saved["step"] = ckpt.latest_step()
+
+  def save(step, st):
+    ckpt.save(step, st, {"rl_step": step, "data": comps.prompts.get_state()})
+    saved["step"] = step
 
   def log(end: StepEnd) -> None:
     end.row = logger.log(end.step, end.row)
@@ -270,47 +303,78 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   if cfg.train.progress and is_main:
     hooks.append(_progress_hook(cfg, start, closers))
   hooks += [Hook(stop_if_nonfinite), Hook(checkpoint, every=cfg.train.ckpt_every)]
+
+  def preempted(done: int, st: TrainState) -> None:
+    """After a step (or before the first): every process stops here if any got a signal."""
+    stop, fits = pre.should_stop(ckpt.last_save_s)
+    if not stop:
+      return
+    if saved["step"] != done and done > start and fits:
+      save(done, st)
+    pre.saved()
+    raise pre.error(done, done if saved["step"] == done else None, ckpt.directory,
+                    nothing_new=done == start)
+
   try:
+    preempted(start, state)
     for step in range(start, cfg.train.steps):
       state, row = _rl_step(parts, cfg, comps, state, step)
       end = StepEnd(step + 1, cfg.train.steps, row, state)
       for hook in hooks:
         if hook.due(end.step, end.last):
           hook.fn(end)
+      if end.step < end.last:
+        preempted(end.step, state)
     if cfg.train.steps > start:
       save(cfg.train.steps, state)
   finally:
     for close in reversed(closers):
       close()
-  return TrainResult(state=state, history=history, evals=evals)
+  return TrainResult(state=state, history=history, evals=evals, start_step=start)
 
 
-def _open_run(cfg: Config, run_dir: str, comps: Components, state: TrainState, *, resume: bool,
-              is_main: bool):
-  """Writes ``config.yaml`` and opens the checkpoints: (checkpointer, first step, state).
+def _open_run(cfg: Config, run_dir: str, comps: Components, state: TrainState, *,
+              run: _rundir.Claim, is_main: bool):
+  """Opens the checkpoints, restores on resume, then records the launch: (checkpointer, first
+  step, state).
 
   Every file of the run resolves inside ``run_dir`` (a symlink out of it is
-  refused). ``resume`` restores the latest complete checkpoint (the train
-  state and the data position) and drops the metrics rows after it; a fresh
-  run starts ``metrics.jsonl`` anew.
+  refused). A resume restores the newest intact checkpoint (the train state
+  and the data position; damaged ones are skipped with one warning line and
+  moved aside) and drops the metrics rows after it. ``config.yaml`` and the
+  history entry are written only after that, so a refused resume leaves the
+  directory as it was.
   """
-  os.makedirs(run_dir, exist_ok=True)
-  if is_main:
-    with open(_checkpoint.run_path(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_yaml())
   ckpt = _checkpoint.Checkpointer(_checkpoint.run_path(run_dir, "checkpoints"),
-                                  keep=cfg.train.keep_checkpoints)
+                                  keep=cfg.train.keep_checkpoints, is_main=is_main)
   metrics_path = _checkpoint.run_path(run_dir, "metrics.jsonl")
-  if not resume:
-    if is_main and os.path.exists(metrics_path):
-      os.remove(metrics_path)
-    return ckpt, 0, state
-  last = ckpt.latest_step()
-  if last is None:
-    raise RunDirError(f"--resume: no complete checkpoint under {ckpt.directory}", errno.ENOENT)
-  state, host = ckpt.restore(last, state)
-  comps.prompts.set_state(host["data"])
-  start = int(host["rl_step"])
-  if is_main:
+  start = 0
+  if run.resume:
+    last = ckpt.latest_step()
+    if last is not None and cfg.train.steps < last:
+      ckpt.close()
+      raise RunDirError(
+          f"--resume: train.steps={cfg.train.steps} is below the run's latest checkpoint "
+          f"({last}) in {ckpt.directory}; give train.steps >= {last} (--set train.steps=N) to "
+          f"continue it (nothing was written)", errno.EINVAL)
+    try:
+      step, state, host, skipped = ckpt.restore_intact(state, host_keys=("rl_step", "data"))
+    except BaseException:
+      ckpt.close()
+      raise
+    if skipped and is_main:
+      names = ", ".join(f"checkpoint {s} ({why})" for s, why in skipped)
+      print(f"jaxent: warning: skipped damaged {names}, moved to "
+            f"{os.path.join(os.path.dirname(ckpt.directory), _checkpoint.DAMAGED_DIR)}; resuming "
+            f"from checkpoint {step}", file=sys.stderr)
+    try:
+      comps.prompts.set_state(host["data"])
+      start = int(host["rl_step"])
+    except Exception as e:  # noqa: BLE001 - a host state that parses but does not fit
+      ckpt.close()
+      raise RunDirError(f"--resume: checkpoint {step} in {ckpt.directory} has a host state this "
+                        f"run cannot use: {e}", errno.EINVAL) from e
+  run.record(cfg, start_step=start)
+  if is_main and run.resume:
     _logging.truncate_after(metrics_path, start)
   return ckpt, start, state

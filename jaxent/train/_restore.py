@@ -19,6 +19,7 @@ from jaxent import models, sharding
 from jaxent.config import Config
 from jaxent.errors import ConfigError, SetupError
 from jaxent.train._build import load_policy, model_config
+from jaxent.train._checkpoint import check_manifest, nonfinite_leaves
 
 
 def _read_run_config(run_dir: str) -> Config:
@@ -88,13 +89,23 @@ def _restore_params(ck_dir: str, step: int | None, abstract_params):
 
   A partial restore: orbax reads each parameter's shards straight onto the
   devices that hold them (every process its own), and the optimizer state
-  (twice the parameters again with Adam) is never read.
+  (twice the parameters again with Adam) is never read. A checkpoint whose
+  files fail their manifest, or whose parameters hold NaN or inf, is refused
+  (``SetupError`` naming the other complete steps).
   """
   mgr = ocp.CheckpointManager(ck_dir, options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = mgr.latest_step() if step is None else step
     if step is None:
       raise SetupError(f"no complete checkpoint under {ck_dir}")
+    others = [s for s in sorted(mgr.all_steps()) if s != step]
+    choose = (f"; choose another with --step (complete: {', '.join(map(str, others))})" if others
+              else "")
+    if step not in mgr.all_steps():
+      raise SetupError(f"no complete checkpoint {step} under {ck_dir}{choose}")
+    why = check_manifest(os.path.join(ck_dir, str(step)))
+    if why is not None:
+      raise SetupError(f"checkpoint {step} in {ck_dir} is damaged: {why}{choose}")
     target = {"params": abstract_params}
     try:
       out = mgr.restore(step, args=ocp.args.Composite(
@@ -103,7 +114,12 @@ def _restore_params(ck_dir: str, step: int | None, abstract_params):
               partial_restore=True),
           host=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged checkpoint
-      raise SetupError(f"cannot restore checkpoint {step} in {ck_dir}: {e}") from e
+      first = (str(e).strip().splitlines() or [""])[0]
+      raise SetupError(f"cannot restore checkpoint {step} in {ck_dir}: {first}{choose}") from e
+    bad = nonfinite_leaves(out["state"]["params"])
+    if bad:
+      raise SetupError(f"checkpoint {step} in {ck_dir} has NaN or inf in {bad} parameter "
+                       f"array(s); refusing to use it{choose}")
   finally:
     mgr.close()
   return out["state"]["params"], step
