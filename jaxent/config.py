@@ -22,7 +22,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import yaml
 
-from jaxent.errors import ConfigError
+from jaxent.errors import ConfigError, InputFileError
+from jaxent.files import open_regular
 
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -391,10 +392,16 @@ def from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> 
 def load(path: str, overrides: Sequence[str] = ()) -> Config:
   """Loads a YAML config file, applies overrides and validates."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with open_regular(path, "r", what="config file", encoding="utf-8") as f:
       data = yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
+  except InputFileError as e:
+    raise ConfigError(str(e)) from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
   except yaml.YAMLError as e:
     raise ConfigError(f"{path}: not valid YAML: {e}") from None
   if data is not None and not isinstance(data, Mapping):
