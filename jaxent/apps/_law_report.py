@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxent.diagnostics import LawFit
+from jaxent.files import open_regular
 
 # Tried in order when no y key is given: held-out accuracy is what the paper
 # fits; a training run may only log the mean reward.
@@ -68,11 +69,11 @@ def read_metrics(run_dir: str, *, x_key: str = DEFAULT_X_KEY,
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"run directory not found: {run_dir}")
   path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
 
   records, n_lines, n_malformed = [], 0, 0
-  with open(path, encoding="utf-8") as f:
+  with open_regular(path, "r", what="metrics file", encoding="utf-8", errors="replace") as f:
     for line in f:
       if not line.strip():
         continue

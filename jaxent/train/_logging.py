@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxent.files import open_regular
 from jaxent.train._checkpoint import run_path
 
 
@@ -77,10 +78,10 @@ def truncate_after(path: str, step: int) -> None:
   by a kill, bytes that are not UTF-8) are dropped too. The file is replaced
   atomically (written beside it, then renamed).
   """
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return
   keep = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with open_regular(path, "r", what="metrics file", encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
         row = json.loads(line)
