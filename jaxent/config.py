@@ -26,6 +26,7 @@ from jaxent.errors import ConfigError, InputFileError
 from jaxent.files import open_regular
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
 
@@ -204,10 +205,19 @@ class TrainConfig:
   ckpt_every: int = 0              # checkpoint every N steps (0 = only at the end)
   keep_checkpoints: int = 3        # checkpoints kept on disk
   progress: bool = True            # progress bar
+  # where metrics go: jsonl (metrics.jsonl, the run's record), tensorboard (tb/), wandb
+  # (Weights & Biases: offline into wandb/ unless WANDB_API_KEY or WANDB_MODE says otherwise)
+  loggers: tuple[str, ...] = ("jsonl", "tensorboard")
+  wandb_project: str = "jaxent"    # W&B project (the run name is `name`)
 
   def validate(self, key: str = "train") -> None:
     for name in ("steps", "ppo_epochs", "mini_batches", "micro_batches", "log_every", "keep_checkpoints"):
       _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+    for name in self.loggers:
+      _check(name in LOGGERS, f"{key}.loggers", f"{name!r} is not a logger; choose from {list(LOGGERS)}")
+    _check(len(set(self.loggers)) == len(self.loggers), f"{key}.loggers",
+           f"{list(self.loggers)} names a logger twice")
+    _check(bool(self.wandb_project.strip()), f"{key}.wandb_project", "must be a non-empty string")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
     _check(self.ckpt_every >= 0, f"{key}.ckpt_every", "must be >= 0")
 
@@ -313,6 +323,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
                         f"got {type(value).__name__}")
     return _build(tp, value, key)
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
   if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
     if not isinstance(value, Mapping):
       raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")

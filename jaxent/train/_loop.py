@@ -227,7 +227,7 @@ def train(cfg: Config, run_dir: str, comps: Components, *, resume: bool = False,
   if plan.note and is_main:
     print(f"jaxent: {plan.note}", file=sys.stderr)
   ckpt, start, state = _open_run(cfg, run_dir, comps, state, resume=resume, is_main=is_main)
-  logger = _logging.MetricsLogger(run_dir, enabled=is_main)
+  logger = _logging.MetricsLogger.for_config(cfg, run_dir, enabled=is_main)
   history, evals, closers = [], [], [ckpt.close, logger.close]
   save = lambda step, st: ckpt.save(step, st, {"rl_step": step, "data": comps.prompts.get_state()})  # noqa: E731
 
