@@ -60,7 +60,17 @@ def open_regular(path, mode: str = "rb", *, what: str = "file", encoding: str | 
   if any(c in mode for c in "wax+"):
     raise ValueError(f"open_regular reads only, got mode {mode!r}")
   path = os.fspath(path)
-  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+  except FileNotFoundError:
+    raise
+  except OSError:  # a socket cannot be opened (ENXIO): say what it is
+    try:
+      mode = os.stat(path).st_mode
+    except OSError:
+      mode = stat.S_IFREG
+    _refuse(path, mode, what)
+    raise
   try:
     _refuse(path, os.fstat(fd).st_mode, what)
     os.set_blocking(fd, True)

@@ -237,6 +237,11 @@ def check_safetensors(fname: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
     if start < end:
       raise ValueError(f"{fname}: tensors {a!r} and {b!r} overlap in the data section")
+  # The format packs tensors with no gap and nothing after them.
+  covered = sum(end - start for start, end, _ in spans)
+  if covered != data_size:
+    raise ValueError(f"{fname}: the tensors cover {covered} of the {data_size} bytes of the data "
+                     f"section; the file is corrupt")
   return out
 
 
