@@ -7,8 +7,8 @@ Python internals, no mutation of the inputs, ``range`` capped at 100,000
 items), which stops a template from escaping but not from running forever:
 three nested ``range(100000)`` loops are 10^15 iterations. Rendering here is
 ``tokenizer.apply_chat_template`` itself (the exact text transformers
-produces) under a deadline: a watchdog thread raises ``TemplateTimeout`` in
-the rendering thread when the deadline passes
+produces) under a deadline: one shared watchdog thread raises
+``TemplateTimeout`` in the rendering thread when the deadline passes
 (``PyThreadState_SetAsyncExc``, delivered between bytecodes, so it stops any
 loop of the Python code Jinja compiles a template to). A rendering longer
 than its bound is refused after it returns; the time bound limits how much a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from typing import Sequence
 
 # The default bound on one rendering. Real templates render in well under a
@@ -42,39 +43,75 @@ def _set_async_exc(thread_id: int, exc) -> int:
                                                     ctypes.py_object(exc) if exc else None)
 
 
+class _Watchdog:
+  """One daemon thread that posts ``TemplateTimeout`` to threads past their deadline.
+
+  Shared by every ``_Deadline`` (a thread per rendering would cost more than
+  the rendering). Arming and disarming happen under the condition's lock,
+  and so does posting: either a block disarmed first (nothing is posted), or
+  the exception was posted and the block learns it when it disarms.
+  """
+
+  def __init__(self):
+    self._cv = threading.Condition()
+    self._armed: dict[int, tuple[int, float]] = {}  # token -> (thread id, deadline)
+    self._posted: set[int] = set()
+    self._next = 0
+    self._thread = None
+
+  def arm(self, timeout_s: float) -> int:
+    with self._cv:
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._run, name="jaxent-template-deadline",
+                                        daemon=True)
+        self._thread.start()
+      self._next += 1
+      self._armed[self._next] = (threading.get_ident(), time.monotonic() + timeout_s)
+      self._cv.notify()
+      return self._next
+
+  def disarm(self, token: int) -> bool:
+    """Whether the exception was posted to the block's thread."""
+    with self._cv:
+      self._armed.pop(token, None)
+      if token in self._posted:
+        self._posted.discard(token)
+        return True
+      return False
+
+  def _run(self) -> None:
+    with self._cv:
+      while True:
+        now = time.monotonic()
+        for token, (tid, deadline) in list(self._armed.items()):
+          if deadline <= now:
+            del self._armed[token]
+            if _set_async_exc(tid, TemplateTimeout) == 1:
+              self._posted.add(token)
+        wait = min((d for _, d in self._armed.values()), default=now + 3600.0) - now
+        self._cv.wait(timeout=max(wait, 0.0))
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _Deadline:
   """Raises ``TemplateTimeout`` in the thread that entered it once ``timeout_s`` has passed.
 
-  The watchdog and the exiting thread agree under a lock: either the body
-  finished first (the watchdog does nothing), or the exception was posted;
-  a posted exception that the body did not receive before it finished is
-  cleared on exit, so it never surfaces later in unrelated code.
+  A posted exception that the block did not receive before it finished is
+  withdrawn on exit, so it never surfaces later in unrelated code.
   """
 
   def __init__(self, timeout_s: float):
     self.timeout_s = timeout_s
-    self._lock = threading.Lock()
-    self._done = False
-    self._posted = False
-
-  def _fire(self) -> None:
-    with self._lock:
-      if not self._done:
-        self._posted = _set_async_exc(self._tid, TemplateTimeout) == 1
 
   def __enter__(self):
-    self._tid = threading.get_ident()
-    self._timer = threading.Timer(self.timeout_s, self._fire)
-    self._timer.daemon = True
-    self._timer.start()
+    self._token = _WATCHDOG.arm(self.timeout_s)
     return self
 
   def __exit__(self, exc_type, exc, tb):
-    self._timer.cancel()
-    with self._lock:
-      self._done = True
-      if self._posted and exc_type is not TemplateTimeout:
-        _set_async_exc(self._tid, None)  # posted but not delivered: withdraw it
+    if _WATCHDOG.disarm(self._token) and exc_type is not TemplateTimeout:
+      _set_async_exc(threading.get_ident(), None)  # posted but not delivered: withdraw it
     return False
 
 
