@@ -22,9 +22,11 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import yaml
 
-from jaxent.errors import ConfigError
+from jaxent.errors import ConfigError, InputFileError
+from jaxent.files import open_regular
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOSSES = ("ppo_clip", "clip_cov", "kl_cov", "gspo", "cispo", "gmpo")
 
@@ -258,10 +260,19 @@ class TrainConfig:
   # on SIGTERM/SIGINT: finish the step and save a checkpoint if that fits in this many seconds
   # (spot/preemptible VMs give about 30 s), then exit 75; 0 = exit at once without saving
   preempt_grace_s: float = 25.0
+  # where metrics go: jsonl (metrics.jsonl, the run's record), tensorboard (tb/), wandb
+  # (Weights & Biases: offline into wandb/ unless WANDB_API_KEY or WANDB_MODE says otherwise)
+  loggers: tuple[str, ...] = ("jsonl", "tensorboard")
+  wandb_project: str = "jaxent"    # W&B project (the run name is `name`)
 
   def validate(self, key: str = "train") -> None:
     for name in ("steps", "ppo_epochs", "mini_batches", "micro_batches", "log_every", "keep_checkpoints"):
       _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+    for name in self.loggers:
+      _check(name in LOGGERS, f"{key}.loggers", f"{name!r} is not a logger; choose from {list(LOGGERS)}")
+    _check(len(set(self.loggers)) == len(self.loggers), f"{key}.loggers",
+           f"{list(self.loggers)} names a logger twice")
+    _check(bool(self.wandb_project.strip()), f"{key}.wandb_project", "must be a non-empty string")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
     _check(self.ckpt_every >= 0, f"{key}.ckpt_every", "must be >= 0")
     _check(math.isfinite(self.preempt_grace_s) and self.preempt_grace_s >= 0,
@@ -374,6 +385,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
                         f"got {type(value).__name__}")
     return _build(tp, value, key)
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
   if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
     if not isinstance(value, Mapping):
       raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -453,10 +468,16 @@ def from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> 
 def load(path: str, overrides: Sequence[str] = ()) -> Config:
   """Loads a YAML config file, applies overrides and validates."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with open_regular(path, "r", what="config file", encoding="utf-8") as f:
       data = yaml.safe_load(f)
   except FileNotFoundError:
     raise ConfigError(f"config file not found: {path}") from None
+  except InputFileError as e:
+    raise ConfigError(str(e)) from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
   except yaml.YAMLError as e:
     raise ConfigError(f"{path}: not valid YAML: {e}") from None
   if data is not None and not isinstance(data, Mapping):

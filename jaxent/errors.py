@@ -7,7 +7,8 @@ Every error a user can fix derives from :class:`JaxentError`, whose
 library code that handles builtin errors keeps working.
 
   exit 2  bad input or an I/O failure: ConfigError, DataError, SetupError,
-          RunDirError, DistributedError (and any OSError the CLI meets)
+          RunDirError, InputFileError, DistributedError (and any OSError the
+          CLI meets)
   exit 3  the run stopped itself after saving a checkpoint: TrainingError
   exit 4  a multi-process job could not join its coordinator in time
           (``EXIT_NO_COORDINATOR``, the status of a process that gives up)
@@ -51,6 +52,18 @@ class RunDirError(JaxentError, OSError):
 
   An ``OSError``, so callers that handle I/O failures handle it; ``errno`` is
   set when the underlying failure had one (``errno.ENOSPC`` for a full disk).
+  """
+
+  def __init__(self, message: str, code: int | None = None):
+    super().__init__(message)
+    self.errno = code
+
+
+class InputFileError(JaxentError, OSError):
+  """A path jaxent reads names something that is not a regular file (a FIFO, a
+  device, a socket, a directory); the message names the path and what it is.
+
+  An ``OSError`` (``errno`` set), so callers that handle I/O failures handle it.
   """
 
   def __init__(self, message: str, code: int | None = None):

@@ -247,15 +247,57 @@ def test_grade_batch_off_main_thread(pool):
   assert results["r"].failures == 0
 
 
-def test_server_death_scores_batch_zero_and_recovers(pool):
+def _slow_length(response, answer):
+  time.sleep(1.0)
+  return float(len(response))
+
+
+def test_server_death_regrades_the_batch_on_a_new_server(pool):
+  """A server found dead between batches is replaced first; one that dies
+  mid-batch is replaced and the batch graded again: no batch is lost."""
+  before = pool.server_restarts
   os.kill(pool._proc.pid, signal.SIGKILL)
   pool._proc.wait()
   res = R.grade_batch("math", [r"\boxed{1}", r"\boxed{2}"], ["1", "2"],
                       timeout_s=10.0, pool=pool)
-  assert res.rewards.tolist() == [0.0, 0.0] and res.timeouts == 2
-  assert pool.server_restarts == 1
-  res = R.grade_batch("math", [r"\boxed{1}"], ["1"], timeout_s=10.0, pool=pool)
-  assert res.rewards.tolist() == [1.0]
+  assert res.rewards.tolist() == [1.0, 1.0] and (res.failures, res.timeouts) == (0, 0)
+  assert pool.server_restarts == before + 1
+  victim = pool._proc.pid
+  killer = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))  # mid-batch: items sleep 1 s
+  killer.start()
+  res = pool.grade(_slow_length, ["abc", "z"], ["", ""], timeout_s=10.0)
+  killer.join()
+  assert pool._proc.pid != victim and pool.server_restarts == before + 2
+  assert res.rewards.tolist() == [3.0, 1.0] and (res.failures, res.timeouts) == (0, 0)
+
+
+def test_server_killed_while_starting_is_restarted(monkeypatch):
+  """The first server dies before it is ready: the pool starts another and grades."""
+  from jaxent.rewards import _pool
+  real_popen = _pool.subprocess.Popen
+  started = []
+
+  def popen(*args, **kwargs):
+    proc = real_popen(*args, **kwargs)
+    started.append(proc.pid)
+    if len(started) == 1:
+      proc.kill()  # dies while importing math-verify, before "ready"
+    return proc
+
+  monkeypatch.setattr(_pool.subprocess, "Popen", popen)
+  with R.GraderPool(1) as p:
+    assert len(started) == 2 and p.server_restarts == 1
+    res = R.grade_batch("math", [r"\boxed{7}"], ["7"], timeout_s=10.0, pool=p)
+    assert res.rewards.tolist() == [1.0]
+
+  def always_dies(*args, **kwargs):
+    proc = real_popen(*args, **kwargs)
+    proc.kill()
+    return proc
+
+  monkeypatch.setattr(_pool.subprocess, "Popen", always_dies)
+  with pytest.raises(RuntimeError, match=r"failed to start.*2 attempts in a row"):
+    R.GraderPool(1, start_attempts=2)
 
 
 def test_trainer_death_takes_grader_processes_down(tmp_path):

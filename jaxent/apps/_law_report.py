@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxent.diagnostics import LawFit
+from jaxent.files import open_regular
 
 # Tried in order when no y key is given: held-out accuracy is what the paper
 # fits; a training run may only log the mean reward.
@@ -68,11 +69,11 @@ def read_metrics(run_dir: str, *, x_key: str = DEFAULT_X_KEY,
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"run directory not found: {run_dir}")
   path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
 
   records, n_lines, n_malformed = [], 0, 0
-  with open(path, encoding="utf-8") as f:
+  with open_regular(path, "r", what="metrics file", encoding="utf-8", errors="replace") as f:
     for line in f:
       if not line.strip():
         continue
@@ -182,7 +183,7 @@ def plot_law(path: str, fit: LawFit, series: Series) -> None:
                label=f"held out ({fit.n_pred}), RMSE {fit.pred_rmse:.3g}")
   h = np.linspace(0.0, 1.05 * float(series.x.max()), 200)
   ax.plot(h, fit.predict(h), color="black", lw=1.5,
-          label=f"R = -{fit.a:.3g}·exp(H) + {fit.b:.3g}  (r² {fit.r2:.3f})")
+          label=f"R = {formula(fit.a, fit.b, digits=3)}  (r² {fit.r2:.3f})")
   ax.axhline(fit.ceiling, color="tab:red", ls="--", lw=1)
   ax.plot([0.0], [fit.ceiling], marker="*", ms=12, color="tab:red",
           label=f"ceiling at H = 0: {fit.ceiling:.3g}")
@@ -194,11 +195,17 @@ def plot_law(path: str, fit: LawFit, series: Series) -> None:
   fig.savefig(path, format="png")
 
 
+def formula(a: float, b: float, x: str = "H", digits: int = 4) -> str:
+  """``-a*exp(x) + b`` with the signs folded into the numbers (``a < 0`` gives ``+|a|``)."""
+  return (f"{'-' if a >= 0 else '+'}{abs(a):.{digits}g}*exp({x}) "
+          f"{'+' if b >= 0 else '-'} {abs(b):.{digits}g}")
+
+
 def summary_line(fit: LawFit, series: Series, out_dir: str) -> str:
   skipped = series.n_malformed + series.n_missing + series.n_nonfinite
   pred = (f", held-out RMSE {fit.pred_rmse:.4g} on {fit.n_pred}"
           if fit.n_pred else "")
-  return (f"{series.y_key} = -{fit.a:.4g}*exp({series.x_key}) + {fit.b:.4g}: "
+  return (f"{series.y_key} = {formula(fit.a, fit.b, series.x_key)}: "
           f"r2 {fit.r2:.4f}, ceiling {fit.ceiling:.4g}, n {fit.n_fit}{pred}, "
           f"skipped {skipped} -> {os.path.join(out_dir, 'law.json')}, law.png")
 
@@ -212,7 +219,9 @@ def fit_law(run_dir: str, *, fit_first: int | None = None, x_key: str = DEFAULT_
   """
   from jaxent.diagnostics import fit_entropy_law
   series = read_metrics(run_dir, x_key=x_key, y_key=y_key)
-  fit = fit_entropy_law(series.x, series.y, fit_first=fit_first, method=method)
+  fit = fit_entropy_law(series.x, series.y, fit_first=fit_first, method=method,
+                        labels=(f"{series.x_key!r} in {os.path.join(run_dir, 'metrics.jsonl')}",
+                                f"{series.y_key!r} in {os.path.join(run_dir, 'metrics.jsonl')}"))
   write_law_json(os.path.join(run_dir, "law.json"), law_record(fit, series, fit_first))
   plot_law(os.path.join(run_dir, "law.png"), fit, series)
   return summary_line(fit, series, run_dir)

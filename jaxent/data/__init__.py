@@ -13,17 +13,23 @@ from jaxent.data._pipeline import (
     make_prompt_iterator,
 )
 from jaxent.data._source import (
+    MAX_CHARS_PER_TOKEN,
     OVERLONG_MODES,
     DataError,
     DataStats,
     Example,
     PromptSet,
     load_prompts,
+    max_line_bytes,
+    max_prompt_chars,
     tokenize_prompt,
 )
+from jaxent.data._template import TEMPLATE_TIMEOUT_S
 
 __all__ = [
+    "MAX_CHARS_PER_TOKEN",
     "OVERLONG_MODES",
+    "TEMPLATE_TIMEOUT_S",
     "DataError",
     "DataStats",
     "Example",
@@ -34,5 +40,7 @@ __all__ = [
     "arithmetic",
     "load_prompts",
     "make_prompt_iterator",
+    "max_line_bytes",
+    "max_prompt_chars",
     "tokenize_prompt",
 ]

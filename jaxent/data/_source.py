@@ -18,11 +18,13 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from jaxent.errors import DataError
+from jaxent.errors import DataError, InputFileError
+from jaxent.data._template import TEMPLATE_TIMEOUT_S, TemplateTimeout, TemplateTooLong, render_chat
+from jaxent.files import open_regular, require_regular
 
 _log = logging.getLogger(__name__)
 
@@ -30,6 +32,30 @@ _log = logging.getLogger(__name__)
 _MAX_LOGGED = 5
 
 OVERLONG_MODES = ("skip", "truncate_left")
+
+# Prompts are bounded in characters before they are tokenized, so that one
+# huge row costs no more than an ordinary one (a 5 MB prompt takes about
+# 1.5 GB to tokenize). No tokenizer averages more than this many characters
+# a token on text (about 4 is usual; a long run of one character can merge
+# into tokens of up to a few dozen), so a prompt over
+# ``max_prompt_len * MAX_CHARS_PER_TOKEN`` characters is overlong whatever
+# the tokenizer.
+MAX_CHARS_PER_TOKEN = 32
+# A JSONL line may hold the prompt (up to 6 bytes a character, as a JSON
+# escape) and other fields; longer lines are skipped unparsed.
+_LINE_SLACK_BYTES = 1 << 20
+# Characters a chat template may add around the prompt and system turn.
+_TEMPLATE_SLACK_CHARS = 1 << 16
+
+
+def max_prompt_chars(max_prompt_len: int) -> int:
+  """The longest prompt text tokenized: ``max_prompt_len * MAX_CHARS_PER_TOKEN`` characters."""
+  return max_prompt_len * MAX_CHARS_PER_TOKEN
+
+
+def max_line_bytes(max_prompt_len: int) -> int:
+  """The longest JSONL line parsed: 6 bytes per prompt character plus 1 MiB."""
+  return 6 * max_prompt_chars(max_prompt_len) + _LINE_SLACK_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +71,10 @@ class DataStats:
       a number.
     empty: the prompt or answer is empty (after stripping whitespace).
     tokenize_error: the tokenizer or chat template raised on the row.
+    oversized: rows skipped before tokenization: a JSONL line longer than
+      ``max_line_bytes(max_prompt_len)`` (not parsed), or, with
+      ``overlong="skip"``, a prompt longer than
+      ``max_prompt_chars(max_prompt_len)`` characters.
     overlong: prompts longer than ``max_prompt_len`` tokens, skipped
       (``overlong="skip"``).
     truncated: prompts longer than ``max_prompt_len`` tokens, kept with only
@@ -58,6 +88,7 @@ class DataStats:
   wrong_type: int = 0
   empty: int = 0
   tokenize_error: int = 0
+  oversized: int = 0
   overlong: int = 0
   truncated: int = 0
 
@@ -102,17 +133,47 @@ class PromptSet:
     return len(self.examples)
 
 
-def _iter_jsonl(path: str, offset: int):
+class _Oversized(NamedTuple):
+  """A line longer than the reader's bound, skipped unread (its length in bytes)."""
+  nbytes: int
+
+
+def _read_lines(f, max_line_bytes: int):
+  """Yields each line of ``f`` (bytes), or ``_Oversized`` for a line longer than
+  ``max_line_bytes``: such a line is consumed in chunks, never held whole."""
+  while True:
+    raw = f.readline(max_line_bytes + 1)
+    if not raw:
+      return
+    if len(raw) <= max_line_bytes or raw.endswith(b"\n"):
+      yield raw
+      continue
+    n = len(raw)
+    while not raw.endswith(b"\n"):
+      raw = f.readline(1 << 20)
+      if not raw:
+        break
+      n += len(raw)
+    yield _Oversized(n)
+
+
+def _iter_jsonl(path: str, offset: int, max_line_bytes: int):
   """Yields ``(offset + line_index, where, parsed_or_exception)`` per non-blank
-  line; returns the number of lines."""
+  line (``_Oversized`` for a line over ``max_line_bytes``); returns the number
+  of lines."""
   try:
-    f = open(path, "rb")
+    f = open_regular(path, "rb", what="dataset file")
+  except InputFileError as e:
+    raise DataError(str(e)) from e
   except OSError as e:
     raise DataError(f"cannot read dataset file {path!r}: {e.strerror or e}") from e
   n = 0
   with f:
     try:
-      for n, raw in enumerate(f, start=1):
+      for n, raw in enumerate(_read_lines(f, max_line_bytes), start=1):
+        if isinstance(raw, _Oversized):
+          yield offset + n - 1, f"{path}:{n}", raw
+          continue
         if not raw.strip():
           continue
         try:
@@ -134,7 +195,7 @@ def _iter_parquet(path: str, offset: int):
         f"cannot read {path!r}: Parquet needs pyarrow, which is not installed "
         f"(pip install pyarrow), or convert the file to JSONL") from e
   try:
-    rows = pq.read_table(path).to_pylist()
+    rows = pq.read_table(require_regular(path, "dataset file")).to_pylist()
   except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid(ValueError)
     raise DataError(f"cannot read dataset file {path!r}: {e}") from e
   for i, row in enumerate(rows):
@@ -147,8 +208,9 @@ def _is_records(source) -> bool:
           and all(isinstance(s, Mapping) for s in source))
 
 
-def _iter_rows(source) -> Iterator[tuple[int, str, Any]]:
-  """``(index, where, row)``; row is a dict, another value, or an exception."""
+def _iter_rows(source, max_line_bytes: int = 1 << 30) -> Iterator[tuple[int, str, Any]]:
+  """``(index, where, row)``; row is a dict, another value, an exception, or
+  ``_Oversized``."""
   if _is_records(source):
     for i, row in enumerate(source):
       yield i, f"record {i}", row
@@ -160,14 +222,18 @@ def _iter_rows(source) -> Iterator[tuple[int, str, Any]]:
       raise DataError(
           f"dataset source must be file paths or dict records, got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.exists(path):
-      raise DataError(f"dataset file not found: {path!r}")
-    if os.path.isdir(path):
-      raise DataError(f"dataset path is a directory, not a file: {path!r}")
+    try:
+      require_regular(path, "dataset file")
+    except FileNotFoundError:
+      raise DataError(f"dataset file not found: {path!r}") from None
+    except InputFileError as e:
+      raise DataError(str(e)) from None
+    except OSError as e:
+      raise DataError(f"cannot read dataset file {path!r}: {e.strerror or e}") from None
     if path.endswith(".parquet"):
       offset += yield from _iter_parquet(path, offset)
     elif path.endswith(".jsonl"):
-      offset += yield from _iter_jsonl(path, offset)
+      offset += yield from _iter_jsonl(path, offset, max_line_bytes)
     else:
       raise DataError(f"unsupported dataset file {path!r}: expected .jsonl or .parquet")
 
@@ -180,7 +246,9 @@ def _encode(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
 
 
 def tokenize_prompt(tokenizer, prompt: str, *, chat_template: bool,
-                    system_prompt: str | None = None) -> list[int]:
+                    system_prompt: str | None = None,
+                    template_timeout_s: float = TEMPLATE_TIMEOUT_S,
+                    max_template_chars: int | None = None) -> list[int]:
   """Token ids of one prompt.
 
   With ``chat_template``: the prompt as a user turn (after an optional
@@ -196,7 +264,10 @@ def tokenize_prompt(tokenizer, prompt: str, *, chat_template: bool,
   if system_prompt is not None:
     messages.append({"role": "system", "content": system_prompt})
   messages.append({"role": "user", "content": prompt})
-  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  limit = max_template_chars
+  if limit is None:
+    limit = len(prompt) + len(system_prompt or "") + _TEMPLATE_SLACK_CHARS
+  text = render_chat(tokenizer, messages, timeout_s=template_timeout_s, max_chars=limit)
   return _encode(tokenizer, text, add_special_tokens=False)
 
 
@@ -214,17 +285,25 @@ def load_prompts(source: str | os.PathLike | Sequence, tokenizer, *,
       tokenizer, or ``jaxent.data.arithmetic.CharTokenizer``); with
       ``chat_template`` also ``apply_chat_template``.
     prompt_key, answer_key: the field names.
-    max_prompt_len: the longest prompt kept, in tokens.
-    overlong: ``"skip"`` drops longer prompts (counted as ``overlong``);
+    max_prompt_len: the longest prompt kept, in tokens. Rows are bounded
+      before tokenization too: a JSONL line over ``max_line_bytes`` is
+      skipped unparsed, and a prompt over ``max_prompt_chars`` characters is
+      skipped (``"skip"``) or cut to its last ``max_prompt_chars``
+      characters (``"truncate_left"``) before it is tokenized.
+    overlong: ``"skip"`` drops longer prompts (counted as ``overlong``, or
+      ``oversized`` when caught by the character bound);
       ``"truncate_left"`` keeps their last ``max_prompt_len`` tokens (counted
-      as ``truncated``): the end of a prompt (the question, the generation
-      prompt of a chat template) matters most to the response.
+      as ``truncated``; ``Example.prompt`` is then the text tokenized): the
+      end of a prompt (the question, the generation prompt of a chat
+      template) matters most to the response.
     chat_template: apply the tokenizer's chat template.
     system_prompt: an optional system turn (only with ``chat_template``).
 
   Raises:
-    DataError: a file is missing or unreadable, or no row is valid (the
-      message names the source and the counts).
+    DataError: a file is missing, unreadable or not a regular file; no row
+      is valid (the message names the source and the counts); or the chat
+      template runs past its time bound or produces far more text than the
+      prompt (the template is at fault, not a row).
     ValueError: a bad argument (named).
   """
   if not isinstance(max_prompt_len, int) or isinstance(max_prompt_len, bool) or max_prompt_len < 1:
@@ -254,8 +333,13 @@ def load_prompts(source: str | os.PathLike | Sequence, tokenizer, *,
       logged += 1
       _log.warning("skipping dataset row %s: %s", where, why)
 
-  for index, where, row in _iter_rows(source):
+  char_bound = max_prompt_chars(max_prompt_len)
+  for index, where, row in _iter_rows(source, max_line_bytes(max_prompt_len)):
     counts["rows"] += 1
+    if isinstance(row, _Oversized):
+      skip("oversized", where, f"line of {row.nbytes} bytes > {max_line_bytes(max_prompt_len)} "
+           f"(the bound for max_prompt_len={max_prompt_len}); not parsed")
+      continue
     if isinstance(row, Exception):
       skip("malformed", where, f"not valid JSON ({type(row).__name__})")
       continue
@@ -278,9 +362,22 @@ def load_prompts(source: str | os.PathLike | Sequence, tokenizer, *,
     if not prompt.strip() or not answer.strip():
       skip("empty", where, f"empty {prompt_key if not prompt.strip() else answer_key!r}")
       continue
+    cut = len(prompt) > char_bound
+    if cut:
+      if overlong == "skip":
+        skip("oversized", where, f"prompt has {len(prompt)} characters > {char_bound} "
+             f"(max_prompt_len={max_prompt_len} x {MAX_CHARS_PER_TOKEN}); not tokenized")
+        continue
+      prompt = prompt[-char_bound:]
     try:
       ids = tokenize_prompt(tokenizer, prompt, chat_template=chat_template,
                             system_prompt=system_prompt)
+    except (TemplateTimeout, TemplateTooLong) as e:
+      what = (f"did not finish within {TEMPLATE_TIMEOUT_S:g} s (a template renders in well "
+              f"under a millisecond)" if isinstance(e, TemplateTimeout)
+              else str(e).replace("the chat template ", "", 1))
+      raise DataError(f"the tokenizer's chat template {what} on {where}; refusing the "
+                      f"template") from None
     except Exception as e:  # pylint: disable=broad-except
       # tokenizers raise many types (e.g. on lone surrogates); one bad row
       # must not stop the run
@@ -294,6 +391,8 @@ def load_prompts(source: str | os.PathLike | Sequence, tokenizer, *,
         skip("overlong", where, f"prompt has {len(ids)} tokens > max_prompt_len={max_prompt_len}")
         continue
       ids = ids[-max_prompt_len:]
+      cut = True
+    if cut:
       counts["truncated"] += 1
     arr = np.asarray(ids, np.int32)
     examples.append(Example(index=index, prompt=prompt, answer=answer, prompt_ids=arr))

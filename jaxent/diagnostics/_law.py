@@ -115,7 +115,7 @@ def _theil_sen(x: np.ndarray, y: np.ndarray):
 
 
 def fit_entropy_law(entropy, reward, *, fit_first: int | None = None,
-                    method: str = "ols") -> LawFit:
+                    method: str = "ols", labels: tuple[str, str] = ("entropy", "reward")) -> LawFit:
   """Fit ``R = −a·exp(H) + b`` to a run's (entropy, reward) series.
 
   Args:
@@ -129,14 +129,18 @@ def fit_entropy_law(entropy, reward, *, fit_first: int | None = None,
       M-estimate (IRLS, MAD scale, c = 1.345), for occasional outlying
       rewards (a bad eval). ``"theil-sen"``: median of pairwise slopes,
       robust also to outlying entropies (spikes), up to ~29% outliers.
+    labels: the names of the two series in error messages (e.g. the
+      metrics keys they were read from).
 
   Returns:
     :class:`LawFit` ``(a, b, r2, ceiling, ...)``.
 
   Raises:
     ValueError: mismatched lengths, fewer than 3 points, NaN/inf, a bad
-      ``fit_first``, entropies too large for ``exp``, or entropy constant
-      over the fitted points (the law is then not identifiable).
+      ``fit_first``, entropies too large for ``exp``, entropy constant over
+      the fitted points (the law is then not identifiable), or reward
+      constant over them (then ``a = 0`` and ``r2`` is undefined: the run
+      shows no entropy-performance trade-off to fit).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -168,8 +172,12 @@ def fit_entropy_law(entropy, reward, *, fit_first: int | None = None,
   spread = xf.max() - xf.min()
   if spread <= 1e-12 * max(1.0, np.abs(xf).max()):
     raise ValueError(
-        "entropy is constant over the fitted points "
+        f"{labels[0]} is constant over the {k} fitted points "
         f"(H = {h[0]:g}); the law R = -a*exp(H) + b is not identifiable")
+  if rf.max() - rf.min() <= 1e-12 * max(1.0, np.abs(rf).max()):
+    raise ValueError(
+        f"{labels[1]} is constant over the {k} fitted points (R = {rf[0]:g}): no "
+        f"entropy-performance trade-off to fit (a would be 0 and r2 undefined)")
 
   if method == "ols":
     slope, icpt = _ols(xf, rf)

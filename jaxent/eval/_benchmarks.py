@@ -11,6 +11,8 @@ import os
 from typing import Any, Mapping, Sequence
 
 from jaxent import data as data_lib
+from jaxent.errors import InputFileError
+from jaxent.files import open_regular, require_regular
 from jaxent.eval._settings import (DECODING_FIELDS, PRESETS, EvalSettings, _is_int, preset_for_file,
                                    preset_for_name)
 
@@ -101,6 +103,12 @@ def resolve_benchmark(spec: str, overrides: Mapping[str, Any] | None = None, *,
                    overrides=given_names, notes=tuple(notes))
 
 
+# The field names are read from the first JSON object line; a line read for
+# that is cut at this many bytes (a longer one is then not JSON and is passed
+# over, as the loader skips it).
+_MAX_FIELD_LINE_BYTES = 16 << 20
+
+
 def resolve_fields(path: str, prompt_keys: Sequence[str],
                    answer_keys: Sequence[str]) -> tuple[str, str]:
   """The (prompt, answer) field names of a benchmark file, from its first JSON object row.
@@ -114,24 +122,31 @@ def resolve_fields(path: str, prompt_keys: Sequence[str],
       row has none of the aliases (naming the file, the row and its keys).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise data_lib.DataError(f"benchmark file not found: {path!r}"
-                             if not os.path.exists(path) else
-                             f"benchmark path is not a file: {path!r}")
+  try:
+    require_regular(path, "benchmark file")
+  except FileNotFoundError:
+    raise data_lib.DataError(f"benchmark file not found: {path!r}") from None
+  except OSError as e:  # InputFileError: a directory, FIFO, device or socket
+    raise data_lib.DataError(str(e) if isinstance(e, InputFileError) else
+                             f"cannot read benchmark file {path!r}: {e.strerror or e}") from None
   if not path.endswith((".jsonl", ".parquet")):
     raise data_lib.DataError(f"unsupported benchmark file {path!r}: expected .jsonl or .parquet")
   first = None
   if path.endswith(".parquet"):
     try:
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-      names = pq.read_schema(path).names
+      names = pq.read_schema(require_regular(path, "benchmark file")).names
     except (ImportError, OSError, ValueError) as e:
       raise data_lib.DataError(f"cannot read benchmark file {path!r}: {e}") from e
     first = ("row 0", {n: None for n in names})
   else:
     try:
-      with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+      with open_regular(path, "rb", what="benchmark file") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(_MAX_FIELD_LINE_BYTES), b""), start=1):
+          if not raw.endswith(b"\n") and len(raw) == _MAX_FIELD_LINE_BYTES:
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+              pass  # the rest of an over-long line, discarded
+            continue
           try:
             row = json.loads(raw.decode("utf-8")) if raw.strip() else None
           except (UnicodeDecodeError, ValueError, RecursionError):

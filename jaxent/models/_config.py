@@ -206,6 +206,10 @@ class ModelConfig:
       theta = get("rope_theta", 10000.0)
     rtype = rp.get("rope_type", rp.get("type", "default"))
     heads = get("num_attention_heads")
+    for name in ("num_attention_heads", "hidden_size"):
+      v = get(name)
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
     head_dim = get("head_dim") or get("hidden_size") // heads
     if mt == "qwen2":
       qkv_bias, o_bias = True, False

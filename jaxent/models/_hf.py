@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Sharding
 
+from jaxent.files import open_regular, require_regular, require_regular_entries
 from jaxent.models._config import SUPPORTED_MODEL_TYPES, ModelConfig
 from jaxent.models._layout import param_shardings
 from jaxent.models._model import Model, param_shapes
@@ -138,30 +139,138 @@ def _set(tree, path, value):
 
 
 # ----------------------------------------------------------------------------- import
+# Files of a model directory that jaxent or transformers read by name: each
+# must be a regular file (a FIFO would block the reader, a device never end).
+_READ_NAMES = ("config.json", "generation_config.json", "special_tokens_map.json",
+               "added_tokens.json", "merges.txt", "chat_template.jinja", "tokenizer.json",
+               "tokenizer_config.json", "tokenizer.model", "vocab.json",
+               "model.safetensors.index.json")
+_READ_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
+
+# safetensors: an 8-byte little-endian header length, a JSON header, then the
+# data. The reference implementation refuses headers over 100 MB.
+_ST_MAX_HEADER = 100_000_000
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_FLOAT = ("F16", "BF16", "F32", "F64")
+
+
 def _require_dir(path) -> str:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist (jaxent reads local "
                             "Hugging Face directories only; it never downloads)")
+  require_regular_entries(path, names=_READ_NAMES, suffixes=_READ_SUFFIXES,
+                          what="model directory file")
   return path
+
+
+def _read_json_object(fname: str) -> dict:
+  """The JSON object in ``fname``; ValueError naming the file if it is not one."""
+  try:
+    with open_regular(fname, "rb", what="model directory file") as f:
+      raw = json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise ValueError(f"{fname} is not valid JSON: {e}") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{fname}: the top level is a JSON {type(raw).__name__}, not an object")
+  return raw
+
+
+def check_safetensors(fname: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Validates a safetensors file's header against the file; ``{name: (dtype, shape)}``.
+
+  Checked before the file is memory-mapped, so a malformed file gives one
+  message naming it and the problem instead of an error deep in a reader:
+  a header length beyond the file or over 100 MB, a header that is not a
+  JSON object, an unknown dtype, a shape that is not a list of
+  non-negative ints, data offsets out of the data section, a byte count
+  that is not ``prod(shape) * itemsize``, and overlapping tensors.
+  """
+  import struct
+
+  require_regular(fname, "weights file")
+  size = os.path.getsize(fname)
+  with open_regular(fname, "rb", what="weights file") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{fname}: not a safetensors file ({size} bytes, shorter than its "
+                       f"8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _ST_MAX_HEADER or 8 + n > size:
+      raise ValueError(f"{fname}: safetensors header length {n} is beyond the file "
+                       f"({size} bytes) or over {_ST_MAX_HEADER} bytes; the file is truncated "
+                       f"or not safetensors")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise ValueError(f"{fname}: safetensors header is not valid JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{fname}: safetensors header is not a JSON object")
+  data_size = size - 8 - n
+  out, spans = {}, []
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    where = f"{fname}: tensor {name!r}"
+    if not isinstance(info, dict):
+      raise ValueError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ST_ITEMSIZE:
+      raise ValueError(f"{where}: unknown dtype {dtype!r}")
+    if (not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size):
+      raise ValueError(f"{where}: data offsets {offsets!r} are outside the data section "
+                       f"(0..{data_size}); the file is truncated or corrupt")
+    want = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != want:
+      raise ValueError(f"{where}: {offsets[1] - offsets[0]} bytes for shape {tuple(shape)} of "
+                       f"{dtype} ({want} bytes expected)")
+    out[name] = (dtype, tuple(shape))
+    spans.append((offsets[0], offsets[1], name))
+  spans.sort()
+  for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+    if start < end:
+      raise ValueError(f"{fname}: tensors {a!r} and {b!r} overlap in the data section")
+  # The format packs tensors with no gap and nothing after them.
+  covered = sum(end - start for start, end, _ in spans)
+  if covered != data_size:
+    raise ValueError(f"{fname}: the tensors cover {covered} of the {data_size} bytes of the data "
+                     f"section; the file is corrupt")
+  return out
+
+
+def _shard_name(index: str, path: str, name) -> str:
+  """``name`` from an index's weight_map, refused unless it stays inside ``path``."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{index} lists a shard that is not a file name: {name!r}")
+  norm = os.path.normpath(name)
+  if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+    raise ValueError(f"{index} lists shard {name!r}, which is outside the model directory "
+                     f"{path!r}; shards must be files in that directory")
+  if not name.endswith(".safetensors"):
+    raise ValueError(f"{index} lists {name!r}: only safetensors shards are read")
+  return norm
 
 
 def _weight_files(path: str) -> list[str]:
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
+  if os.path.lexists(index):
+    weight_map = _read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
-      raise ValueError(f"{index} has no 'weight_map'")
-    files = sorted(set(weight_map.values()))
+      raise ValueError(f"{index} has no 'weight_map' object")
+    files = sorted({_shard_name(index, path, n) for n in weight_map.values()})
     for name in files:
-      if not name.endswith(".safetensors"):
-        raise ValueError(f"{index} lists {name!r}: only safetensors shards are read")
-      if not os.path.isfile(os.path.join(path, name)):
+      if not os.path.lexists(os.path.join(path, name)):
         raise FileNotFoundError(f"shard {os.path.join(path, name)!r} named in {index} is missing")
     return [os.path.join(path, n) for n in files]
-  if os.path.isfile(single):
+  if os.path.lexists(single):
     return [single]
   pickles = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
   if pickles:
@@ -175,10 +284,9 @@ def load_config(path, **overrides) -> ModelConfig:
   """``ModelConfig`` from ``path/config.json`` (through ``transformers.AutoConfig``)."""
   path = _require_dir(path)
   cfg_file = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_file):
+  if not os.path.lexists(cfg_file):
     raise FileNotFoundError(f"missing {cfg_file!r}")
-  with open(cfg_file) as f:
-    raw = json.load(f)
+  raw = _read_json_object(cfg_file)
   # Checked before AutoConfig so that an unknown type gets jaxent's message.
   mt = raw.get("model_type")
   if mt not in SUPPORTED_MODEL_TYPES:
@@ -186,9 +294,13 @@ def load_config(path, **overrides) -> ModelConfig:
                      f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
   import transformers  # host-only
 
-  hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False,
-                                               local_files_only=True)
-  return ModelConfig.from_hf(hf, **overrides)
+  try:
+    hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False,
+                                                 local_files_only=True)
+    return ModelConfig.from_hf(hf, **overrides)
+  except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+    # A field of the wrong type or value (e.g. num_attention_heads: 0).
+    raise ValueError(f"{cfg_file}: {e}") from None
 
 
 def _read_slice(handle, name: str, box: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -272,16 +384,28 @@ def _box(index, shape) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
+class _NonFinite(Exception):
+  """A tensor read holds NaN or inf (``args[0]``: its HF name)."""
+
+
 def _read_leaf(leaf: _Leaf, handles, dtype, box) -> np.ndarray:
-  """``box`` of ``leaf`` in ``dtype``: for a stacked leaf, the boxed layers' slices only."""
+  """``box`` of ``leaf`` in ``dtype``: for a stacked leaf, the boxed layers' slices only.
+
+  Raises ``_NonFinite`` naming the HF tensor if a value read is NaN or inf
+  (checked on each slice as it is read: one pass over host memory).
+  """
   out = np.empty(tuple(b - a for a, b in box), dtype)
   if leaf.stacked:
     (l0, l1), rest = box[0], box[1:]
     for j, name in enumerate(leaf.hf_names[l0:l1]):
       _read_into(out[j], handles[name], name, leaf.conv, rest)
+      if not np.isfinite(out[j]).all():
+        raise _NonFinite(name)
   else:
     name = leaf.hf_names[0]
     _read_into(out, handles[name], name, leaf.conv, box)
+    if not np.isfinite(out).all():
+      raise _NonFinite(name)
   return out
 
 
@@ -421,20 +545,33 @@ def from_pretrained(path, dtype="float32", *, param_dtype=None, remat: bool = Fa
     handles: dict[str, Any] = {}
     sources: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for fname in files:
-      f = stack.enter_context(safe_open(fname, framework="numpy"))
-      for key in f.keys():
+      header = check_safetensors(fname)
+      try:
+        f = stack.enter_context(safe_open(fname, framework="numpy"))
+      except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"{fname}: cannot read safetensors: {e}") from None
+      for key, (dtype, shape) in header.items():
         if key in handles:
           raise ValueError(f"tensor {key!r} appears in both {sources[key]} and {fname}")
         handles[key], sources[key] = f, fname
-        shapes[key] = tuple(f.get_slice(key).get_shape())  # header only
+        shapes[key], dtypes[key] = shape, dtype
     params: dict = {}
     for leaf in _plan(cfg, shapes, os.fspath(path)):
-      if by_name is None:
-        full = tuple((0, n) for n in leaf.shape)
-        _set(params, leaf.ours, jnp.asarray(_read_leaf(leaf, handles, pdt, full)))
-      else:
-        _set(params, leaf.ours, _place_leaf(leaf, handles, pdt, by_name[leaf.ours]))
+      for name in leaf.hf_names:
+        if dtypes[name] not in _ST_FLOAT:
+          raise ValueError(f"tensor {name!r} in {sources[name]} has dtype {dtypes[name]}; "
+                           f"parameters must be one of {', '.join(_ST_FLOAT)}")
+      try:
+        if by_name is None:
+          full = tuple((0, n) for n in leaf.shape)
+          _set(params, leaf.ours, jnp.asarray(_read_leaf(leaf, handles, pdt, full)))
+        else:
+          _set(params, leaf.ours, _place_leaf(leaf, handles, pdt, by_name[leaf.ours]))
+      except _NonFinite as e:
+        raise ValueError(f"tensor {e.args[0]!r} in {sources[e.args[0]]} holds NaN or inf values "
+                         f"({leaf.ours}); refusing to load non-finite weights") from None
   return Model(params=params, config=cfg)
 
 
@@ -473,21 +610,27 @@ def load_tokenizer(path):
   path = _require_dir(path)
   # Without these files transformers 5 silently builds an empty tokenizer
   # from config.json alone.
-  if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+  if not any(os.path.lexists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"no tokenizer in {path!r}: expected one of "
                             f"{', '.join(_TOKENIZER_FILES)}")
   import transformers  # host-only
 
   tokenizer_json = os.path.join(path, "tokenizer.json")
+  for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+    if os.path.lexists(os.path.join(path, name)):
+      _read_json_object(os.path.join(path, name))  # ValueError naming a malformed file
   try:
-    if os.path.isfile(tokenizer_json):
+    if os.path.lexists(tokenizer_json):
       tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
       tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
                                                        local_files_only=True)
   except (OSError, ValueError) as e:
     raise FileNotFoundError(f"no usable tokenizer files in {path!r}: {e}") from e
-  if os.path.isfile(tokenizer_json):
+  except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+    raise ValueError(f"malformed tokenizer files in {path!r}: {type(e).__name__}: "
+                     f"{str(e)[:300]}") from None
+  if os.path.lexists(tokenizer_json):
     _check_tokenizer_json(tok.backend_tokenizer, tokenizer_json)
   return tok
 
@@ -503,7 +646,10 @@ def _check_tokenizer_json(got, tokenizer_json: str) -> None:
   """
   import tokenizers  # host-only
 
-  ref = tokenizers.Tokenizer.from_file(tokenizer_json)
+  try:
+    ref = tokenizers.Tokenizer.from_file(require_regular(tokenizer_json, "tokenizer file"))
+  except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+    raise ValueError(f"{tokenizer_json} is malformed: {str(e)[:300]}") from None
 
   def state(part):
     return None if part is None else part.__getstate__()

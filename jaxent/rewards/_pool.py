@@ -10,9 +10,12 @@ rewards. Reward functions registered ``isolated`` run in a ``GraderPool``:
 The server enforces the per-item deadline (``_worker.LocalPool``): a worker
 that overruns is SIGKILLed and replaced, its item scores 0 and counts as a
 timeout; an item whose function raises, returns a non-finite value, or kills
-its worker scores 0 and counts as a failure. The trainer enforces a deadline
-on the whole batch as well, so even a wedged server cannot hang the run: it is
-killed, restarted, and the batch scores 0 (counted as timeouts). Wall time of
+its worker scores 0 and counts as a failure. A server that dies (while it
+starts, between batches, or during one) is restarted, up to
+``start_attempts`` times in a row, and a batch it was grading is sent again
+to the new server once. The trainer enforces a deadline on the whole batch as
+well, so even a wedged server cannot hang the run: it is killed, restarted,
+and the batch scores 0 (counted as timeouts). Wall time of
 one call is at most about ``ceil(n / num_workers) * timeout_s`` plus
 dispatch overhead (a few ms per item).
 """
@@ -67,6 +70,8 @@ class GraderPool:
       item that needs more fails with MemoryError and scores 0. None: none.
     startup_timeout_s: how long the server may take to start (it imports
       sympy and math-verify: about a second on an idle core).
+    start_attempts: servers started in a row before giving up
+      (``RuntimeError``) when each dies or hangs while starting.
 
   Thread-safe: concurrent ``grade`` calls are serialised. Use as a context
   manager or call ``close()``; the server exits when this process does
@@ -75,7 +80,7 @@ class GraderPool:
 
   def __init__(self, num_workers: int | None = None, *,
                memory_limit_mb: int | None = 2048,
-               startup_timeout_s: float = 120.0):
+               startup_timeout_s: float = 120.0, start_attempts: int = 3):
     if num_workers is None:
       num_workers = min(4, os.cpu_count() or 1)
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -84,9 +89,12 @@ class GraderPool:
       raise ValueError(f"memory_limit_mb must be None or >= 256, got {memory_limit_mb!r}")
     self.num_workers = num_workers
     self.memory_limit_mb = memory_limit_mb
+    if not isinstance(start_attempts, int) or start_attempts < 1:
+      raise ValueError(f"start_attempts must be an int >= 1, got {start_attempts!r}")
     self.startup_timeout_s = float(startup_timeout_s)
+    self.start_attempts = start_attempts
     self.restarts = 0         # workers replaced after a timeout or crash
-    self.server_restarts = 0  # servers replaced after a batch deadline
+    self.server_restarts = 0  # servers replaced: died (starting or running) or missed a deadline
     self._restarts_base = 0
     self._lock = threading.Lock()
     self._closed = False
@@ -94,6 +102,20 @@ class GraderPool:
     self._start_server()
 
   def _start_server(self) -> None:
+    """Starts a server, again (up to ``start_attempts`` in all) if one dies or hangs starting."""
+    for attempt in range(1, self.start_attempts + 1):
+      try:
+        self._start_server_once()
+        return
+      except RuntimeError as e:
+        if attempt == self.start_attempts:
+          raise RuntimeError(f"{e} ({attempt} attempts in a row)") from None
+        self.server_restarts += 1
+
+  def _server_alive(self) -> bool:
+    return self._proc is not None and self._proc.poll() is None
+
+  def _start_server_once(self) -> None:
     env = dict(os.environ)
     # The server must import jaxent and any module holding a registered
     # reward function, as this process can: give it this process's path.
@@ -176,22 +198,37 @@ class GraderPool:
     # Server-side scheduling is serial per worker; allow that plus slack for
     # dispatch and for replacing killed workers.
     batch_deadline = (math.ceil(n / self.num_workers) + 1) * timeout_s + 30.0
+    request = (fn_blob, list(responses), list(answers), float(timeout_s))
     with self._lock:
       if self._closed:
         raise RuntimeError("GraderPool is closed")
-      try:
-        self._send.send((fn_blob, list(responses), list(answers), float(timeout_s)))
-        if not self._recv.poll(batch_deadline):
-          raise TimeoutError
-        rewards, failures, timeouts, restarts = self._recv.recv()
-      except (OSError, EOFError, TimeoutError, ValueError):
-        # The server died or wedged: nothing of this batch is trusted.
-        self._kill_server()
-        self.server_restarts += 1
-        self._start_server()
-        return GradeResult(np.zeros(n, np.float32), 0, n)
+      if not self._server_alive():  # died between batches
+        self._restart()
+      for attempt in (1, 2):
+        try:
+          self._send.send(request)
+          if not self._recv.poll(batch_deadline):
+            raise TimeoutError
+          rewards, failures, timeouts, restarts = self._recv.recv()
+        except TimeoutError:
+          # Wedged: nothing of this batch is trusted, and grading it again
+          # could wedge the next server too.
+          self._restart()
+          return GradeResult(np.zeros(n, np.float32), 0, n)
+        except (OSError, EOFError, ValueError):
+          # The server died: the batch goes once more to a new server.
+          self._restart()
+          if attempt == 2:
+            return GradeResult(np.zeros(n, np.float32), n, 0)
+          continue
+        break
       self.restarts = self._restarts_base + restarts
     return GradeResult(np.asarray(rewards, np.float32), failures, timeouts)
+
+  def _restart(self) -> None:
+    self._kill_server()
+    self.server_restarts += 1
+    self._start_server()
 
 
 _default_pool: GraderPool | None = None

@@ -6,6 +6,7 @@ it into exit code 2.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -131,6 +132,9 @@ def build_components(cfg: Config, run_dir: str, *, params=None, process_index: i
 
   A ``model.path`` checkpoint is loaded onto the training mesh (``train_mesh``).
   """
+  if "wandb" in cfg.train.loggers and importlib.util.find_spec("wandb") is None:
+    raise SetupError("train.loggers: 'wandb' needs the wandb package: pip install 'jaxent[wandb]' "
+                     "(or drop wandb from train.loggers)")
   model, tok = load_policy(cfg, mesh=train_mesh(cfg))
   d = cfg.data
   if d.task == "arithmetic":

@@ -273,7 +273,7 @@ def _train(cfg: Config, run_dir: str, comps: Components, run: _rundir.Claim,
   if plan.note and is_main:
     print(f"jaxent: {plan.note}", file=sys.stderr)
   ckpt, start, state = _open_run(cfg, run_dir, comps, state, run=run, is_main=is_main)
-  logger = _logging.MetricsLogger(run_dir, enabled=is_main)
+  logger = _logging.MetricsLogger.for_config(cfg, run_dir, enabled=is_main)
   history, evals, closers = [], [], [ckpt.close, logger.close]
   saved["step"] = ckpt.latest_step()
 
