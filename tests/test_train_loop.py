@@ -121,6 +121,30 @@ def test_chunked_rollouts_train_and_resume_exactly(full_run):
       or [r["entropy"] for r in rows] != [r["entropy"] for r in _rows(full_dir)]
 
 
+def test_new_families_with_loss_state_log_and_resume_exactly(tmp_path):
+  """GSPO with the top-entropy mask, an adaptive entropy coefficient and rollout correction:
+  the run logs each, and stopping after step 2 then resuming is exact, coefficient included."""
+  tmp = str(tmp_path)
+  over = ["loss.name=gspo", "loss.top_entropy_quantile=0.5", "loss.adaptive_entropy.target=5.0",
+          "loss.adaptive_entropy.delta=0.02", "rollout.correction.threshold=2.0",
+          "rollout.correction.rejection=token_k3:10.0", "train.eval_every=0"]
+  res, run_dir = _run(tmp, "fam", over)
+  rows = _rows(run_dir)
+  for key in ("entropy_coef", "entropy_mask_kept_frac", "rc_weight_mean", "rc_weight_max", "rc_masked_frac"):
+    assert all(key in r for r in rows), key
+  assert all(0.4 <= r["entropy_mask_kept_frac"] <= 0.75 for r in rows)
+  # entropy < target: the coefficient rises by delta per update (2 a step) from 0.01,
+  # and acts from the second update on (the first applies none)
+  np.testing.assert_allclose(np.asarray(res.state.loss_state.coef), 0.01 + 8 * 0.02, rtol=1e-6)
+  assert rows[0]["entropy_coef"] < rows[-1]["entropy_coef"]
+  _run(tmp, "fam-split", over + ["train.steps=2"])
+  res2, dir2 = _run(tmp, "fam-split", over, resume=True)
+  assert _strip(_rows(dir2)) == _strip(rows)
+  _assert_same_params(res, res2)
+  for a, b in zip(jax.tree.leaves(res.state.loss_state), jax.tree.leaves(res2.state.loss_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _coin_reward(response: str, answer: str) -> float:
   """1 for a quarter of the responses, by a hash of the text: with 4 samples a group has
   unequal rewards about 2/3 of the time, so DAPO's refill has work to do."""
