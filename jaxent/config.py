@@ -339,10 +339,15 @@ class Config:
     return self.mini_batch_rows // self.train.micro_batches
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """Plain YAML/JSON values: sections as dicts, tuples as lists."""
+    return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
 
   def to_yaml(self) -> str:
     return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(v: Any) -> Any:
+  return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 # --------------------------------------------------------------------------

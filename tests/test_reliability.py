@@ -463,7 +463,7 @@ def test_empty_or_unreadable_dataset_exit_2(tmp_path, monkeypatch, capsys, kind)
     ("loss.ratio=1.5", "loss.ratio: must be in (0, 1]"),
     ("optim.max_nonfinite=0", "optim.max_nonfinite: must be >= 1"),
     ("loss.name=grpo",
-     "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov']"),
+     "loss.name: 'grpo' is not allowed; choose one of ['ppo_clip', 'clip_cov', 'kl_cov', 'gspo', 'cispo', 'gmpo']"),
     ("train.stepz=3", "train.stepz: unknown key; did you mean 'train.steps'?"),
 ])
 def test_cli_bad_config_exit_2_one_line_nothing_written(tmp_path, capsys, override, needle):

@@ -182,7 +182,9 @@ def test_train_rejects_a_batch_that_does_not_split_before_writing(tmp_path):
   before = sorted(os.listdir(run_dir))
   with pytest.raises(C.ConfigError, match=r"does not split over data x fsdp = 8 x 1 = 8 devices"):
     _loop.train(cfg, str(run_dir), comps)
-  assert sorted(os.listdir(run_dir)) == before                 # no config.yaml, metrics, checkpoints
+  # no config.yaml, metrics, checkpoints; the run-directory lock is released (left empty)
+  assert sorted(set(os.listdir(run_dir)) - {"run.lock"}) == before
+  assert os.path.getsize(run_dir / "run.lock") == 0
 
 
 def test_fit_spec_replicates_dims_an_axis_does_not_divide():

@@ -204,7 +204,7 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
     notes.append(f"the mesh needs {plan.size} devices and this machine has {n_local}: the train "
                  f"step is lowered for {plat}, not compiled")
 
-  loss_state = jax.eval_shape(init_loss_state, cfg.loss)
+  loss_state = jax.eval_shape(lambda: init_loss_state(cfg.loss))
   sh = state_shardings(mcfg, tx, mesh, loss_state=loss_state)
   state = _abstract_state(mcfg, tx, sh, loss_state)
   batch = _abstract_batch(mb_rows, seq, ro.max_new_tokens, sharding.batch_sharding(mesh))

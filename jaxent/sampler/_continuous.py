@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxent import models
 from jaxent.sampler import _sampler as base
@@ -133,7 +133,7 @@ class ContinuousSampler:
     scalars = (knobs, key, np.int32(offset))
     if mesh is not None:
       params = base.place_params(cfg, params, mesh)
-      scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
+      scalars = base._replicate(scalars, mesh)
     ctx = jax.set_mesh(mesh) if mesh is not None else _nullcontext()
     with ctx:
       state = _init(spec, scalars[0].pad_id)

@@ -232,7 +232,7 @@ class Sampler:
     else:
       params = _place_params(cfg, params, mesh)
       host = [jax.device_put(x, _batch_sharding(mesh, x.ndim)) for x in host]
-      scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
+      scalars = _replicate(scalars, mesh)
       with jax.set_mesh(mesh):
         state, kv_mask = _prefill(self, params, *host, *scalars, num_samples=n,
                                   max_new_tokens=r)
@@ -499,6 +499,22 @@ def check_row_offset(row_offset) -> int:
 
 def _batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def _replicate(tree, mesh):
+  """``tree`` replicated over ``mesh``; with several processes, every process
+  passes the same host value and places its own copies (a buffer on this
+  process's device cannot be sent to another process's devices)."""
+  sh = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array) and not sh.is_fully_addressable and x.is_fully_addressable:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), sh)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      x = np.asarray(x)
+    return jax.device_put(x, sh)
+  return jax.tree.map(put, tree)
 
 
 def _place_params(cfg, params, mesh: Mesh):
