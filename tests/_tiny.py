@@ -4,8 +4,11 @@ One definition, so tests that should compile the same programs (and share the
 session's compilation cache) cannot drift apart.
 """
 import copy
+import json
+import os
 
 import numpy as np
+import yaml
 
 from jaxent.types import Batch
 
@@ -26,6 +29,46 @@ LOOP_BASE = {
     "optim": {"lr": 1e-3, "eps": 1e-3},
     "train": {"steps": 1, "mini_batches": 2, "micro_batches": 1, "progress": False},
 }
+
+
+# The run config of the reliability, preemption, run-directory and checkpoint
+# tests. The random tiny model never answers right (all rewards 0, advantages
+# 0): the entropy bonus gives every update a gradient that depends on the
+# sampled tokens, so the parameters carry the data order and RNG. The files
+# differ only in values that are not compiled in (name, steps, checkpoint
+# cadence), so one compile serves them all.
+RUN_BASE = {
+    "name": "rel",
+    "model": {"arch": TWO_HEAD_ARCH},
+    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
+    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
+                "reward": "arithmetic_exact"},
+    "loss": {"name": "kl_cov", "ratio": 0.1, "entropy_coef": 0.01},
+    "optim": {"lr": 1e-3, "max_nonfinite": 2},
+    "train": {"steps": 8, "mini_batches": 1, "micro_batches": 1, "eval_every": 0, "ckpt_every": 2,
+              "progress": False},
+}
+
+
+def run_config(name: str, **train) -> dict:
+  """``RUN_BASE`` named ``name`` with some ``train`` values changed (a deep copy)."""
+  out = copy.deepcopy(RUN_BASE)
+  out["name"] = name
+  out["train"].update(train)
+  return out
+
+
+def write_config(tmp: str, data: dict) -> str:
+  """``data`` as a new YAML file in ``tmp``; returns its path."""
+  path = os.path.join(tmp, f"cfg_{len(os.listdir(tmp))}.yaml")
+  with open(path, "w") as f:
+    yaml.safe_dump(data, f)
+  return path
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def loop_config(**sections) -> dict:

@@ -14,32 +14,19 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import yaml
 
 from jaxent import cli
 from jaxent import config as C
 from jaxent.train import _build, _checkpoint, _loop
-from tests._tiny import TWO_HEAD_ARCH
+from tests._tiny import run_config, write_config
 
-BASE = {
-    "name": "ck",
-    "model": {"arch": TWO_HEAD_ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    "loss": {"name": "kl_cov", "ratio": 0.1, "entropy_coef": 0.01},
-    "optim": {"lr": 1e-3, "max_nonfinite": 2},
-    "train": {"steps": 3, "mini_batches": 1, "micro_batches": 1, "eval_every": 0, "ckpt_every": 1,
-              "keep_checkpoints": 10, "progress": False},
-}
+BASE = run_config("ck", steps=3, ckpt_every=1, keep_checkpoints=10)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp("ck"))
-  cfg_path = os.path.join(tmp, "cfg.yaml")
-  with open(cfg_path, "w") as f:
-    yaml.safe_dump(BASE, f)
+  cfg_path = write_config(tmp, BASE)
   cfg = C.load(cfg_path)
   run_dir = os.path.join(tmp, "run")
   res = _loop.train(cfg, run_dir, _build.build_components(cfg, run_dir))

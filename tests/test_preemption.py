@@ -5,7 +5,6 @@ signals itself after a chosen step, then resumes, and ends bitwise equal to
 an uninterrupted run; the grace-period watchdog and the second signal are
 checked on the ``Preemption`` object with its process exit replaced.
 """
-import json
 import os
 import signal
 import subprocess
@@ -15,39 +14,21 @@ import time
 import jax
 import numpy as np
 import pytest
-import yaml
 
 from jaxent import config as C
 from jaxent.errors import EXIT_PREEMPTED, Preempted
 from jaxent.train import _build, _loop, _preempt
-from tests._tiny import TWO_HEAD_ARCH
+from tests._tiny import run_config, write_config, metrics_rows
 
-# The config of tests/test_reliability.py (one compile serves both files).
-BASE = {
-    "name": "pre",
-    "model": {"arch": TWO_HEAD_ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    "loss": {"name": "kl_cov", "ratio": 0.1, "entropy_coef": 0.01},
-    "optim": {"lr": 1e-3, "max_nonfinite": 2},
-    "train": {"steps": 8, "mini_batches": 1, "micro_batches": 1, "eval_every": 0, "ckpt_every": 2,
-              "progress": False},
-}
+BASE = run_config("pre")
 TIMING = ("step_time_s", "sample_time_s", "tokens_per_s")
 
 
 def _cfg_file(tmp, **train):
-  d = {**BASE, "train": {**BASE["train"], **train}}
-  path = os.path.join(tmp, f"cfg_{len(os.listdir(tmp))}.yaml")
-  with open(path, "w") as f:
-    yaml.safe_dump(d, f)
-  return path
+  return write_config(tmp, {**BASE, "train": {**BASE["train"], **train}})
 
 
-def _rows(run_dir):
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+_rows = metrics_rows
 
 
 def _steps(run_dir):

@@ -7,7 +7,6 @@ inside an orbax checkpoint write. The other tests run the CLI in this process
 """
 import ast
 import errno
-import json
 import os
 import pathlib
 import re
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
 
 import jaxent
 from jaxent import cli
@@ -30,39 +28,17 @@ from jaxent import train as T
 from jaxent.train import _build, _loop
 from jaxent.errors import RunDirError
 from jaxent.train._checkpoint import Checkpointer, run_path
-from tests._tiny import TWO_HEAD_ARCH
+from tests._tiny import run_config, write_config, metrics_rows
 
-# Every in-process run below differs from this only in values that are not
-# compiled in (steps, ckpt_every, keep_checkpoints), so one
-# compile serves them all.
-BASE = {
-    "name": "rel",
-    "model": {"arch": TWO_HEAD_ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    # The random tiny model never answers right (all rewards 0, advantages 0):
-    # the entropy bonus gives every update a gradient that depends on the
-    # sampled tokens, so the parameters carry the data order and RNG.
-    "loss": {"name": "kl_cov", "ratio": 0.1, "entropy_coef": 0.01},
-    "optim": {"lr": 1e-3, "max_nonfinite": 2},
-    "train": {"steps": 8, "mini_batches": 1, "micro_batches": 1, "eval_every": 0, "ckpt_every": 2,
-              "progress": False},
-}
+BASE = run_config("rel")
 TIMING = ("step_time_s", "sample_time_s", "tokens_per_s")
 
 
 def _cfg_file(tmp, **train):
-  d = {**BASE, "train": {**BASE["train"], **train}}
-  path = os.path.join(tmp, f"cfg_{len(os.listdir(tmp))}.yaml")
-  with open(path, "w") as f:
-    yaml.safe_dump(d, f)
-  return path
+  return write_config(tmp, {**BASE, "train": {**BASE["train"], **train}})
 
 
-def _rows(run_dir):
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+_rows = metrics_rows
 
 
 def _strip(rows):

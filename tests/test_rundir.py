@@ -21,26 +21,13 @@ from jaxent import cli
 from jaxent import config as C
 from jaxent.errors import ConfigError, RunDirError
 from jaxent.train import _rundir
-from tests._tiny import TWO_HEAD_ARCH
+from tests._tiny import run_config, write_config
 
-BASE = {
-    "name": "rd",
-    "model": {"arch": TWO_HEAD_ARCH},
-    "data": {"task": "arithmetic", "num_operands": 2, "num_digits": 2, "num_eval": 16},
-    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4,
-                "reward": "arithmetic_exact"},
-    "loss": {"name": "kl_cov", "ratio": 0.1, "entropy_coef": 0.01},
-    "optim": {"lr": 1e-3, "max_nonfinite": 2},
-    "train": {"steps": 2, "mini_batches": 1, "micro_batches": 1, "eval_every": 0, "ckpt_every": 2,
-              "progress": False},
-}
+BASE = run_config("rd", steps=2)
 
 
 def _cfg_file(tmp):
-  path = os.path.join(tmp, "cfg.yaml")
-  with open(path, "w") as f:
-    yaml.safe_dump(BASE, f)
-  return path
+  return write_config(tmp, BASE)
 
 
 def _tree(root):
