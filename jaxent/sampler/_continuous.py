@@ -1,30 +1,32 @@
-"""Continuous batching: S decode slots, refilled from a host queue as rows finish.
+"""Continuous batching: S decode slots, refilled on device as rows finish.
 
 The static sampler (``_sampler.py``) decodes a batch until its longest row
 ends, so once most rows are done most of each step's rows idle. Here a fixed
 number of slots ``S`` decode together; each slot holds one response at its
 own point (its own cache region, write index and RoPE position), and a
 finished slot takes the next pending row. Layout of one call
-(``B`` prompts, ``n`` samples, ``R = max_new_tokens``, ``P`` the prompt
-bucket of the longest prompt)::
+(``B`` prompts padded to ``Bp``, ``n`` samples, ``R = max_new_tokens``,
+``P`` the prompt bucket of the longest prompt)::
 
-  host:    queue of rows i*n + j in order; free slots (all at the start)
-  insert:  (jitted, one prompt per call) prefill the prompt [1, P] once,
-           copy its cache into up to min(n, S) free slots (the slot's whole
-           region: the prompt at 0..P-1, zeros after it), draw each row's
-           token 0 and write it to the output buffers
-  decode:  (jitted) lax.while_loop of up to K steps over all S slots, one
-           token per busy slot per step, written straight into the output
-           row of that slot; it returns early once enough slots are free
-           and rows are pending (or no slot is busy)
-  host:    reads which slots are busy (the one device->host sync per decode
-           call) and inserts pending rows into the free ones
+  prefill: (jitted, once) one forward over the prompts [Bp, P], as the
+           static engine's; keeps their caches [L, Bp, P, K, N]; draws every
+           row's token 0 from its prompt's last logits and writes it to the
+           output buffers
+  host:    reads which rows ended at token 0 (EOS or budget 1; one sync) and
+           queues the others, longest budget first
+  decode:  (jitted) lax.while_loop of up to K steps; each step first moves
+           the next queued rows into the free slots (a dynamic_update_slice
+           of each new slot's region: its prompt's cache at 0..P-1, zeros
+           after it), then runs one forward over all S slots and writes
+           each busy slot's token straight into its output row
+  host:    calls decode again until no slot is busy and the queue is empty
+           (one scalar read per call)
 
 A slot's cache region has ``P + R`` entries: the prompt left-padded at
 ``P-l .. P-1`` (pad entries false in the slot's ``kv_mask``) and response
 token ``t`` at ``P + t``; the slot's write index is ``P + t`` (a per-row
 ``KVCache.index``) and its RoPE position ``l + t``, so a row is encoded
-exactly as in the static sampler. An insert rewrites the slot's whole region,
+exactly as in the static sampler. A refill rewrites the slot's whole region,
 so nothing of the previous row's cache stays readable.
 
 Randomness is the static sampler's: row ``r`` draws token ``t`` with
@@ -33,13 +35,12 @@ depend on its slot, on ``S`` or ``K``, or on what else is being decoded
 (the logits may differ in the last float32 bits, since the row is computed
 in a different batch; see docs/SAMPLER.md).
 
-Shapes depend only on (S, P, R, min(n, S), the padded row count) and the
-model config; ``K``, the refill threshold, the prompts and the sampling knobs
-are traced, so draining the queue never recompiles.
+Shapes depend only on (S, P, R, Bp, n) and the model config; ``K``, the
+queue, the prompts and the sampling knobs are traced, so draining the queue
+never recompiles.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Sequence
@@ -52,11 +53,11 @@ from jax.sharding import Mesh
 
 from jaxent import models
 from jaxent.sampler import _sampler as base
-from jaxent.sharding import constrain
+from jaxent.sharding import constrain, host_array
 
 
 class SlotState(NamedTuple):
-  """The continuous engine's device state (``S`` slots, ``N`` padded output rows)."""
+  """The continuous engine's device state (``S`` slots, ``N = Bp * n`` output rows)."""
   cache: Any            # models.KVCache: k, v [L, S, P+R, K, N]; index int32 [S]
   kv_mask: jax.Array    # bool [S, P+R]: the slot's valid cache entries
   busy: jax.Array       # bool [S]: holds a row that has not ended
@@ -69,8 +70,17 @@ class SlotState(NamedTuple):
   logprobs: jax.Array   # float32 [N, R]
   policy_logprobs: jax.Array  # float32 [N, R]
   mask: jax.Array       # int32 [N, R]
+  head: jax.Array       # int32: queue entries already moved into a slot
   draw_steps: jax.Array  # int32: decode steps (forwards over all S slots)
-  slot_steps: jax.Array  # int32: S per decode step, plus each row's first draw at its insert
+  slot_steps: jax.Array  # int32: S per decode step, plus each row's first draw at the prefill
+
+
+class Prompts(NamedTuple):
+  """The prompts' prefill, read by every refill (``Bp`` padded prompts)."""
+  cache_k: jax.Array    # [L, Bp, P, K, N]
+  cache_v: jax.Array    # [L, Bp, P, K, N]
+  kv_mask: jax.Array    # bool [Bp, P]: the prompt's real entries
+  position: jax.Array   # int32 [Bp]: RoPE position of the prompt's last token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,27 +128,45 @@ class ContinuousSampler:
     s = -(-self.slots // shards) * shards
     p = base.Sampler(cfg, prompt_buckets=self.prompt_buckets).prompt_bucket(
         max(len(x) for x in rows_in))
-    m = min(n, s)                                   # rows one insert can fill
-    total = len(rows_in) * n
-    n_out = -(-base._pow2_at_least(total, 1) // shards) * shards  # padded output rows
-    spec = _Spec(self, p, r, s, m, n_out)
+    b = len(rows_in)
+    bp = -(-base._pow2_at_least(b, 1) // shards) * shards   # padded prompts
+    total = b * n
+    spec = _Spec(self, p, r, s, bp, n)
 
-    prompt_tok = np.zeros((len(rows_in), p), np.int32)
-    prompt_mask = np.zeros((len(rows_in), p), bool)
+    prompt_tok = np.zeros((bp, p), np.int32)
+    prompt_mask = np.zeros((bp, p), bool)
     for i, x in enumerate(rows_in):
       prompt_tok[i, p - len(x):] = x
       prompt_mask[i, p - len(x):] = True
+    prompt_mask[b:, -1] = True  # padding prompts: one token, so no row attends to nothing
     prompt_pos = np.maximum(np.cumsum(prompt_mask, axis=1, dtype=np.int32) - 1, 0)
+    budget = np.ones((bp * n,), np.int32)   # padding rows: budget 1, never queued
+    budget[:total] = row_budget
 
     scalars = (knobs, key, np.int32(offset))
+    host = (prompt_tok, prompt_pos, prompt_mask, budget)
     if mesh is not None:
       params = base.place_params(cfg, params, mesh)
       scalars = base._replicate(scalars, mesh)
+      host = tuple(jax.device_put(x, base._batch_sharding(mesh, x.ndim)) for x in host)
     ctx = jax.set_mesh(mesh) if mesh is not None else _nullcontext()
     with ctx:
       state = _init(spec, scalars[0].pad_id)
-      state = _drive(spec, params, state, scalars, prompt_tok, prompt_pos, prompt_mask,
-                     row_budget, n, k_steps)
+      state, pre, ended = _insert(spec, params, state, *host, *scalars)
+      # The queue: rows still going after token 0, longest budget first (ties
+      # in row order), so a long row does not start last and decode alone at
+      # the end. The order changes no token: a row's draws depend on its id.
+      ended = host_array(ended)[:total]  # host sync: rows ended at token 0
+      go = np.flatnonzero(~ended)
+      order = np.full((bp * n,), bp * n, np.int32)
+      order[:go.size] = go[np.lexsort((go, -row_budget[go]))]
+      queue = (order, np.int32(go.size), budget)
+      if mesh is not None:
+        queue = base._replicate(queue, mesh)
+      while True:
+        state, more = _decode(spec, params, state, pre, *queue, np.int32(k_steps), *scalars)
+        if not bool(host_array(more)):  # host sync: one scalar per decode call
+          break
     lengths = jnp.sum(state.mask[:total], axis=1, dtype=jnp.int32)
     stats = base.SampleStats(decode_steps=state.draw_steps, slot_steps=state.slot_steps,
                              generated_tokens=jnp.sum(lengths))
@@ -164,68 +192,37 @@ class _Spec:
   prompt_len: int   # P
   resp_len: int     # R
   slots: int        # S
-  insert_rows: int  # M = min(n, S)
-  out_rows: int     # N
-
-
-def _drive(spec: _Spec, params, state: SlotState, scalars, prompt_tok, prompt_pos, prompt_mask,
-           row_budget: np.ndarray, n: int, k_steps: int) -> SlotState:
-  """The host loop: insert pending rows into free slots, decode, repeat until all rows end."""
-  s, m = spec.slots, spec.insert_rows
-  # Longest budget first (ties in row order): a long row started last would
-  # decode alone at the end. A prompt's rows share a budget unless per-row
-  # budgets are given, so they stay together and share a prefill. The order
-  # changes no token: a row's draws depend on its id, not on when it runs.
-  order = sorted(range(len(row_budget)), key=lambda x: (-int(row_budget[x]), x))
-  pending = collections.deque(order)
-  free = list(range(s))
-  while True:
-    while pending and free:
-      # The next prompt's pending rows, as many as fit (they share one prefill).
-      i = pending[0] // n
-      take = []
-      while pending and pending[0] // n == i and len(take) < min(m, len(free)):
-        take.append(pending.popleft())
-      dest = np.full((m,), s, np.int32)             # s: no slot (the write is dropped)
-      rows = np.full((m,), spec.out_rows, np.int32)  # out_rows: no output row
-      budget = np.ones((m,), np.int32)
-      dest[:len(take)] = free[:len(take)]
-      rows[:len(take)] = take
-      budget[:len(take)] = row_budget[take]
-      del free[:len(take)]
-      state = _insert(spec, params, state, prompt_tok[i:i + 1], prompt_pos[i:i + 1],
-                      prompt_mask[i:i + 1], dest, rows, budget, *scalars)
-    # Return to the host once enough slots are free to be worth a refill: a
-    # sixteenth of the slots (at least one), or what is left of the queue.
-    refill_at = min(max(1, s // 16), len(pending)) if pending else s + 1
-    state = _decode(spec, params, state, np.int32(k_steps), np.int32(refill_at), *scalars)
-    busy = np.asarray(jax.device_get(state.busy))   # host sync: which slots are free
-    free = [int(x) for x in np.flatnonzero(~busy)]
-    if not pending and not busy.any():
-      return state
+  prompts: int      # Bp, padded prompt count
+  samples: int      # n; output rows N = Bp * n
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init(spec: _Spec, pad_id) -> SlotState:
   """Empty slots and output buffers (every output entry ``pad_id``, mask 0)."""
   base.TRACE_COUNTS["continuous_init"] += 1
-  cfg, s, n_out, r = spec.sampler.config, spec.slots, spec.out_rows, spec.resp_len
+  cfg, s, r = spec.sampler.config, spec.slots, spec.resp_len
+  n_out = spec.prompts * spec.samples
   width = spec.prompt_len + r
   cache = models.init_cache(cfg, s, width, dtype=spec.sampler.cache_dtype)
   cache = base.cache_constrained(cfg, cache._replace(index=jnp.zeros((s,), jnp.int32)))
-  rows = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
-  z = lambda dt, fill=0: rows(jnp.full((s,), fill, dt))  # noqa: E731
+  z = lambda dt, fill=0: _rows(jnp.full((s,), fill, dt))  # noqa: E731
   return SlotState(
-      cache=cache, kv_mask=rows(jnp.zeros((s, width), bool)), busy=z(bool), row=z(jnp.int32, n_out),
-      t=z(jnp.int32), budget=z(jnp.int32, 1), last=z(jnp.int32), position=z(jnp.int32),
-      tokens=rows(jnp.full((n_out, r), pad_id, jnp.int32)),
-      logprobs=rows(jnp.zeros((n_out, r), jnp.float32)),
-      policy_logprobs=rows(jnp.zeros((n_out, r), jnp.float32)),
-      mask=rows(jnp.zeros((n_out, r), jnp.int32)),
-      draw_steps=jnp.zeros((), jnp.int32), slot_steps=jnp.zeros((), jnp.int32))
+      cache=cache, kv_mask=_rows(jnp.zeros((s, width), bool)), busy=z(bool),
+      row=z(jnp.int32, n_out), t=z(jnp.int32), budget=z(jnp.int32, 1), last=z(jnp.int32),
+      position=z(jnp.int32),
+      tokens=_rows(jnp.full((n_out, r), pad_id, jnp.int32)),
+      logprobs=_rows(jnp.zeros((n_out, r), jnp.float32)),
+      policy_logprobs=_rows(jnp.zeros((n_out, r), jnp.float32)),
+      mask=_rows(jnp.zeros((n_out, r), jnp.int32)),
+      head=jnp.zeros((), jnp.int32), draw_steps=jnp.zeros((), jnp.int32),
+      slot_steps=jnp.zeros((), jnp.int32))
 
 
-def _write(state: SlotState, out_row, col, tok, lp, plp, keep, knobs) -> SlotState:
+def _rows(x):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _write(state: SlotState, out_row, col, tok, lp, plp, keep) -> SlotState:
   """Writes each kept draw to output row ``out_row`` at column ``col`` (others dropped)."""
   n_out = state.tokens.shape[0]
   where = jnp.where(keep, out_row, n_out)  # out of range: the scatter drops it
@@ -240,62 +237,99 @@ def _is_eos(tok, knobs):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _insert(spec: _Spec, params, state: SlotState, tokens, positions, prompt_mask, dest, rows,
-            budget, knobs, key, row_offset) -> SlotState:
-  """Prefills one prompt ``[1, P]`` and places it in slots ``dest`` (``S``: none) as ``rows``."""
+def _insert(spec: _Spec, params, state: SlotState, tokens, positions, prompt_mask, budget,
+            knobs, key, row_offset):
+  """Prefills the prompts ``[Bp, P]`` once and draws every row's token 0.
+
+  Returns ``(state, Prompts, ended)``: the state with column 0 of every real
+  row written, the prompts' caches for the refills, and bool ``[N]``, the
+  rows that ended at token 0 (EOS or budget 1; padding rows too).
+  """
   base.TRACE_COUNTS["continuous_insert"] += 1
-  cfg, p, r, m = spec.sampler.config, spec.prompt_len, spec.resp_len, spec.insert_rows
-  cache = models.init_cache(cfg, 1, p, dtype=spec.sampler.cache_dtype)
+  cfg, p, n = spec.sampler.config, spec.prompt_len, spec.samples
+  n_out = spec.prompts * n
+  cache = base.cache_constrained(
+      cfg, models.init_cache(cfg, spec.prompts, p, dtype=spec.sampler.cache_dtype))
   (hidden, kernel), cache = models.apply(cfg, params, tokens, positions, cache=cache,
                                          kv_mask=prompt_mask, return_hidden=True)
-  # float32 accumulation as in models.apply; only the last position's logits.
+  # float32 accumulation as in models.apply; only the last position's logits,
+  # shared by the prompt's n rows (row i*n + j <- prompt i).
   logits = jnp.einsum("BD,DV->BV", hidden[:, -1], kernel, preferred_element_type=jnp.float32)
-  logits = jnp.broadcast_to(logits, (m, logits.shape[-1]))
-  keys = base.step_keys(base.row_keys(key, row_offset + rows), jnp.zeros((m,), jnp.int32))
+  logits = jnp.repeat(logits, n, axis=0, total_repeat_length=n_out)
+  rows = jnp.arange(n_out, dtype=jnp.int32)
+  keys = base.step_keys(base.row_keys(key, row_offset + rows), jnp.zeros((n_out,), jnp.int32))
   tok, lp, plp = base.draw(logits, keys, knobs)
-
-  # The slot's whole region: the prompt's entries, then zeros (no stale values).
-  def region(c):
-    c = jnp.pad(c, ((0, 0), (0, 0), (0, r), (0, 0), (0, 0)))
-    return jnp.broadcast_to(c, (c.shape[0], m) + c.shape[2:])
-
-  sc = state.cache
-  k = sc.k.at[:, dest].set(region(cache.k).astype(sc.k.dtype), mode="drop")
-  v = sc.v.at[:, dest].set(region(cache.v).astype(sc.v.dtype), mode="drop")
-  index = sc.index.at[dest].set(p, mode="drop")
-  kv_row = jnp.concatenate([prompt_mask[0], jnp.ones((r,), bool)])
-  put = lambda buf, val: buf.at[dest].set(val, mode="drop")  # noqa: E731
-  live = dest < spec.slots
-  state = state._replace(
-      cache=base.cache_constrained(cfg, sc._replace(k=k, v=v, index=index)),
-      kv_mask=put(state.kv_mask, jnp.broadcast_to(kv_row, (m, p + r))),
-      busy=put(state.busy, ~_is_eos(tok, knobs) & (budget > 1)),
-      row=put(state.row, rows), t=put(state.t, jnp.ones((m,), jnp.int32)),
-      budget=put(state.budget, budget), last=put(state.last, tok),
-      position=put(state.position, jnp.broadcast_to(positions[0, -1] + 1, (m,))),
-      slot_steps=state.slot_steps + jnp.sum(live, dtype=jnp.int32))
-  return _write(state, rows, jnp.zeros((m,), jnp.int32), tok, lp, plp, live, knobs)
+  ended = _is_eos(tok, knobs) | (budget <= 1)
+  # Padding rows are written too (sliced off by the caller) and counted as computed draws.
+  state = _write(state, rows, jnp.zeros((n_out,), jnp.int32), tok, lp, plp,
+                 jnp.ones((n_out,), bool))
+  state = state._replace(slot_steps=state.slot_steps + n_out)
+  pre = Prompts(cache_k=cache.k, cache_v=cache.v, kv_mask=prompt_mask,
+                position=positions[:, -1])
+  return state, pre, ended
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode(spec: _Spec, params, state: SlotState, max_steps, refill_at, knobs, key,
-            row_offset) -> SlotState:
-  """Up to ``max_steps`` decode steps over all slots; stops early once ``refill_at`` slots are free."""
+def _decode(spec: _Spec, params, state: SlotState, pre: Prompts, order, queued, budgets,
+            max_steps, knobs, key, row_offset):
+  """Up to ``max_steps`` steps: refill free slots from ``order[head:queued]``, decode all slots.
+
+  Returns ``(state, more)``: ``more`` is True while a slot is busy or rows are queued.
+  """
   base.TRACE_COUNTS["continuous_decode"] += 1
-  cfg, s, r = spec.sampler.config, spec.slots, spec.resp_len
+  cfg, s, r, p, n = (spec.sampler.config, spec.slots, spec.resp_len, spec.prompt_len,
+                     spec.samples)
+  n_out = spec.prompts * n
+
+  def refill(st: SlotState) -> SlotState:
+    free = ~st.busy
+    rank = jnp.cumsum(free, dtype=jnp.int32) - 1
+    at = st.head + rank
+    take = free & (at < queued)
+    new_row = jnp.where(take, order[jnp.minimum(at, n_out - 1)], st.row)
+    prompt = jnp.minimum(new_row, n_out - 1) // n
+    count = jnp.sum(take, dtype=jnp.int32)
+    # The taken slots first (nonzero keeps slot order); only `count` are written.
+    dest = jnp.nonzero(take, size=s, fill_value=0)[0].astype(jnp.int32)
+
+    def put(j, kv):
+      slot = dest[j]
+      src = prompt[slot]
+      out = []
+      for c, pc in zip(kv, (pre.cache_k, pre.cache_v)):
+        region = lax.dynamic_slice_in_dim(pc, src, 1, axis=1).astype(c.dtype)
+        region = jnp.pad(region, ((0, 0), (0, 0), (0, r), (0, 0), (0, 0)))
+        out.append(lax.dynamic_update_slice(c, region, (0, slot, 0, 0, 0)))
+      return tuple(out)
+
+    k, v = lax.fori_loop(0, count, put, (st.cache.k, st.cache.v))
+    kv_row = jnp.concatenate([pre.kv_mask[prompt], jnp.ones((s, r), bool)], axis=1)
+    new = lambda val, old: jnp.where(take.reshape((s,) + (1,) * (old.ndim - 1)), val, old)  # noqa: E731
+    first = st.tokens[jnp.minimum(new_row, n_out - 1), 0]
+    return st._replace(
+        cache=base.cache_constrained(cfg, st.cache._replace(
+            k=k, v=v, index=new(jnp.full((s,), p, jnp.int32), st.cache.index))),
+        kv_mask=new(kv_row, st.kv_mask), busy=st.busy | take, row=new_row,
+        t=new(jnp.ones((s,), jnp.int32), st.t), budget=new(budgets[new_row % n_out], st.budget),
+        last=new(first, st.last), position=new(pre.position[prompt] + 1, st.position),
+        head=st.head + count)
+
+  def pending(st):
+    return jnp.any(st.busy) | (st.head < queued)
 
   def cond(c):
     i, st = c
-    return (i < max_steps) & jnp.any(st.busy) & (jnp.sum(~st.busy) < refill_at)
+    return (i < max_steps) & pending(st)
 
   def body(c):
     i, st = c
+    st = refill(st)
     logits, cache = models.apply(cfg, params, st.last[:, None], st.position[:, None],
                                  cache=st.cache, kv_mask=st.kv_mask)
     keys = base.step_keys(base.row_keys(key, row_offset + st.row), st.t)
     tok, lp, plp = base.draw(logits[:, 0], keys, knobs)
     alive = st.busy
-    st = _write(st, st.row, jnp.minimum(st.t, r - 1), tok, lp, plp, alive, knobs)
+    st = _write(st, st.row, jnp.minimum(st.t, r - 1), tok, lp, plp, alive)
     step = alive.astype(jnp.int32)
     st = st._replace(
         cache=base.cache_constrained(cfg, cache._replace(index=st.cache.index + step)),
@@ -305,4 +339,4 @@ def _decode(spec: _Spec, params, state: SlotState, max_steps, refill_at, knobs, 
     return i + 1, st
 
   _, state = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
-  return state
+  return state, pending(state)
