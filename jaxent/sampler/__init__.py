@@ -3,7 +3,7 @@
 ``generate(model, prompts, ..., engine=)`` runs the static engine (a jitted
 prefill and a jitted ``lax.while_loop`` decode over a preallocated KV cache,
 ``_sampler.py``) or the continuous-batching engine (slots refilled from a
-host queue as rows end, ``_continuous.py``); ``_sampling.py`` holds the
+queue on device as rows end, ``_continuous.py``); ``_sampling.py`` holds the
 sampling semantics.
 """
 from jaxent.sampler._continuous import ContinuousSampler, SlotState
