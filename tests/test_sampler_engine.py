@@ -177,6 +177,20 @@ def test_no_recompile_as_the_queue_drains(model):
   assert before["continuous_insert"] >= 1 and before["continuous_decode"] >= 1
 
 
+# ----------------------------------------------------------------------------- mesh
+def test_continuous_on_a_mesh_gives_the_single_device_rows(model):
+  """8 CPU devices (slots over data = 4, kv heads over tensor = 2) == the static engine on one."""
+  from jaxent.sharding import make_mesh
+  mesh = make_mesh(data=4, fsdp=1, tensor=2)
+  ref = _gen(model)
+  got = sampler.generate(model, PROMPTS, max_new_tokens=R, key=jax.random.key(7), temperature=1.0,
+                         top_k=20, eos_id=EOS, num_samples=3, budgets=BUDGETS,
+                         return_policy_logprobs=True, engine="continuous", slots=4,
+                         steps_per_call=3, mesh=mesh)
+  assert got.tokens.sharding.mesh.shape == mesh.shape
+  _assert_same_rows(jax.device_get(got), ref)
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs,name", [
     (dict(engine="vllm"), "engine"),
