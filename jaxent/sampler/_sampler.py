@@ -261,7 +261,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
              batch_buckets: Sequence[int] | None = None, cache_dtype=None,
              budgets: Sequence[int] | None = None, engine: str = "static",
              slots: int | None = None, steps_per_call: int | None = None,
-             row_offset: int = 0) -> SampleOutput:
+             row_offset: int = 0, compute_dtype=None) -> SampleOutput:
   """Samples ``num_samples`` responses for each of ``prompts`` on device.
 
   For each prompt ``x`` and step ``t`` the next token is drawn as
@@ -306,6 +306,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
       ``fold_in(key, row_offset + r)``): a caller that generates a larger
       batch in chunks passes each chunk's first row to draw what one call
       would.
+    compute_dtype: None (the model's) or a float dtype, e.g. ``"bfloat16"``:
+      generate from copies of the parameters in that dtype (activations and,
+      unless ``cache_dtype`` says otherwise, the KV cache too), while the
+      caller keeps its float32 master weights. Logits, sampling and the
+      returned log-probs stay float32.
 
   Returns:
     ``SampleOutput`` with ``B * n`` rows; row ``i * n + j`` is sample ``j`` of
@@ -321,6 +326,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
     _check_pos_int(slots, "slots")
   if steps_per_call is not None:
     _check_pos_int(steps_per_call, "steps_per_call")
+  if compute_dtype is not None:
+    model = generation_copy(model, compute_dtype)
   if engine == "continuous":
     from jaxent.sampler._continuous import ContinuousSampler
     if slots is None:
@@ -340,6 +347,33 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, ke
                           num_samples=num_samples, pad_id=pad_id,
                           return_policy_logprobs=return_policy_logprobs, mesh=mesh,
                           budgets=budgets, row_offset=row_offset)
+
+
+class _Weights(NamedTuple):
+  config: Any
+  params: Any
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_params(params, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+
+
+def generation_copy(model, compute_dtype):
+  """``model`` with its float parameters cast to ``compute_dtype``, computing in it.
+
+  The config's ``dtype`` and ``param_dtype`` become ``compute_dtype`` (so the
+  KV cache defaults to it); ``model`` itself is not changed.
+  """
+  try:
+    dt = jnp.dtype(compute_dtype)
+  except TypeError as e:
+    raise ValueError(f"compute_dtype must be a float dtype, got {compute_dtype!r}") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"compute_dtype must be a float dtype, got {compute_dtype!r}")
+  cfg = model.config.replace(dtype=dt, param_dtype=dt)
+  return _Weights(cfg, _cast_params(model.params, dt))
 
 
 # ---------------------------------------------------------------------------- jitted
