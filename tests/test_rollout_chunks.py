@@ -1,12 +1,13 @@
 """Chunked rollout generation (``rollout.prompts_per_generate``): ``rollout.generate``'s engine calls.
 
-A step's prompts go to the sampler ``c`` at a time; chunk ``i`` is drawn with
-``fold_in(key, i)`` at the step's prompt bucket and a batch bucket of ``c``.
-Checked here on one device with a tiny random Qwen2 (two compiled sampler
-programs in all): the rows are those of the per-chunk sampler calls, in
-order; one step compiles the sampler once, a ragged last chunk included;
-greedy decoding does not depend on the chunking (an independent check of
-row order and group layout). The loop-level runs
+A step's prompts go to the sampler ``c`` at a time, each chunk with the step's
+key and its first row's id as ``row_offset``, at the step's prompt bucket and a
+batch bucket of ``c``. Checked here on one device with a tiny random Qwen2: the
+rows are those of the per-chunk sampler calls, in order, and equal the rows of
+one unchunked call (sampled, so the per-row keys are what makes them equal);
+one step compiles the sampler once, a ragged last chunk included; greedy
+decoding does not depend on the chunking (an independent check of row order
+and group layout). The loop-level runs
 (resume, chunk = all) are in tests/test_train_loop.py.
 """
 import jax
@@ -43,7 +44,7 @@ def _ro(**kw) -> RolloutConfig:
   return cfg
 
 
-def test_chunks_are_sampler_calls_with_folded_keys_compiled_once(policy):
+def test_chunks_are_sampler_calls_with_row_offsets_compiled_once(policy):
   ro = _ro(prompts_per_generate=2)
   key = jax.random.PRNGKey(7)
   # R = 5 is used by no other test: the first call compiles, once for its three chunks
@@ -55,7 +56,7 @@ def test_chunks_are_sampler_calls_with_folded_keys_compiled_once(policy):
   assert toks.shape == mask.shape == (len(PROMPTS) * 3, R)
   for i, lo in enumerate((0, 2, 4)):
     want = sampler.generate(policy, PROMPTS[lo:lo + 2], max_new_tokens=R, temperature=1.0,
-                            eos_id=EOS, num_samples=3, key=jax.random.fold_in(key, i),
+                            eos_id=EOS, num_samples=3, key=key, row_offset=lo * 3,
                             prompt_buckets=(16,), batch_buckets=(2,))
     rows = slice(lo * 3, (lo + len(PROMPTS[lo:lo + 2])) * 3)
     np.testing.assert_array_equal(toks[rows], np.asarray(want.tokens), err_msg=f"chunk {i}")
@@ -69,10 +70,14 @@ def test_chunks_are_sampler_calls_with_folded_keys_compiled_once(policy):
   after = dict(sampler.TRACE_COUNTS)
   generate_responses(policy, [p[::-1] + [3] for p in PROMPTS], ro, eos_id=EOS, key=jax.random.PRNGKey(2))
   assert dict(sampler.TRACE_COUNTS) == after
-  # Sampling really happens, differently per chunk key: the chunked draws are not
-  # the unchunked ones (which use the step key itself).
-  whole, _ = generate_responses(policy, PROMPTS, _ro(), eos_id=EOS, key=key)
-  assert not np.array_equal(whole, toks)
+  # Sampled rows do not depend on the chunking: the unchunked call draws the same
+  # tokens (row r draws with fold_in(key, r) either way), and they are really sampled
+  # (another key draws other rows).
+  whole, wmask = generate_responses(policy, PROMPTS, _ro(), eos_id=EOS, key=key)
+  np.testing.assert_array_equal(toks, whole)
+  np.testing.assert_array_equal(mask, wmask)
+  other, _ = generate_responses(policy, PROMPTS, _ro(), eos_id=EOS, key=jax.random.PRNGKey(8))
+  assert not np.array_equal(other, whole)
 
 
 def test_greedy_rows_do_not_depend_on_chunking(policy):

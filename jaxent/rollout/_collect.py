@@ -81,16 +81,18 @@ def generate(engine: Engine, model, prompts: list[list[int]], ro: RolloutConfig,
 
   With ``c = ro.prompts_per_generate`` and ``0 < c < len(prompts)``, the
   engine gets the prompts ``c`` at a time (``generate_calls``), so its KV
-  cache holds ``c * n`` rows; chunk ``i`` is drawn with ``fold_in(key, i)``
-  (deterministic, and the same on resume), and every chunk has one shape.
-  Otherwise one call draws everything with ``key`` itself (chunking with
-  ``c = len(prompts)`` would change the draws).
+  cache holds ``c * n`` rows, and every chunk has one shape. Every chunk
+  draws with ``key`` and passes its first row's id as ``row_offset``, so
+  row ``r`` draws with ``fold_in(key, r)`` whatever the chunking: the rows
+  are those of one unchunked call (up to the last float32 bits of logits
+  computed in another batch, which can flip a float near-tie).
   """
   c = ro.prompts_per_generate
+  n = ro.samples_per_prompt
   chunked = 0 < c < len(prompts)
   chunks = list(generate_calls(
-      engine, model, prompts, decoding_of(ro, eos_id), samples_per_call=ro.samples_per_prompt,
-      key_of=(lambda call: jax.random.fold_in(key, call.index)) if chunked else (lambda _: key),
+      engine, model, prompts, decoding_of(ro, eos_id), samples_per_call=n,
+      key_of=lambda _: key, row_offset_of=lambda call: call.start * n,
       prompts_per_call=c if chunked else None, mesh=mesh, with_logprobs=True))
   return tuple(np.concatenate([getattr(x, f) for x in chunks])
                for f in ("tokens", "logprobs", "mask"))

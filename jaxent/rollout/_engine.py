@@ -56,11 +56,14 @@ class Engine(Protocol):
   prompt count (None: the engine's own buckets), so that every call of a
   chunked generation shares one compiled program. ``mesh``: the device mesh
   to generate on (rows over ``data x fsdp``), None for one device.
+  ``row_offset``: the global id of the call's first row; row ``r`` draws
+  with ``fold_in(key, row_offset + r)``, so a chunked generation with one
+  key draws the rows of one call.
   """
 
   def generate(self, model: Any, prompts: Sequence[Sequence[int]], decoding: Decoding, *,
                num_samples: int, key: jax.Array, mesh=None, prompt_bucket: int | None = None,
-               batch_bucket: int | None = None) -> Generated: ...
+               batch_bucket: int | None = None, row_offset: int = 0) -> Generated: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +88,16 @@ class SamplerEngine:
         raise ValueError(f"{name} must be None or an int >= 1, got {x!r}")
 
   def generate(self, model, prompts, decoding: Decoding, *, num_samples: int, key, mesh=None,
-               prompt_bucket: int | None = None, batch_bucket: int | None = None) -> Generated:
+               prompt_bucket: int | None = None, batch_bucket: int | None = None,
+               row_offset: int = 0) -> Generated:
     out = sampler.generate(
         model, prompts, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
         top_p=decoding.top_p, top_k=decoding.top_k, eos_id=decoding.eos_id,
         num_samples=num_samples, key=key, mesh=mesh,
         prompt_buckets=None if prompt_bucket is None else (prompt_bucket,),
         batch_buckets=None if batch_bucket is None else (batch_bucket,),
-        engine=self.engine, slots=self.slots, steps_per_call=self.steps_per_call)
+        engine=self.engine, slots=self.slots, steps_per_call=self.steps_per_call,
+        row_offset=row_offset)
     return Generated(tokens=out.tokens, logprobs=out.logprobs, mask=out.mask)
 
 
@@ -135,7 +140,8 @@ class Chunk(NamedTuple):
 def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], decoding: Decoding, *,
                    key_of: Callable[[Call], jax.Array], samples_per_call: int, repeats: int = 1,
                    prompts_per_call: int | None = None, mesh=None,
-                   with_logprobs: bool = False) -> Iterator[Chunk]:
+                   with_logprobs: bool = False,
+                   row_offset_of: Callable[[Call], int] | None = None) -> Iterator[Chunk]:
   """The one chunked-generation driver: yields each call's rows on the host, in order.
 
   With ``prompts_per_call = c``, the prompts go to the engine ``c`` at a time
@@ -144,7 +150,9 @@ def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], deco
   bucket (the longest prompt's, ``sampler.prompt_bucket``) and one batch
   bucket (``c``), so a last, shorter call does not recompile. With None, one
   call per repeat takes every prompt in the engine's own buckets. Call ``c``
-  draws with ``key_of(call)``.
+  draws with ``key_of(call)`` and, if ``row_offset_of`` is given, passes the
+  engine ``row_offset=row_offset_of(call)`` (e.g. ``call.start * n`` with one
+  key for every call: the rows do not depend on the chunking).
 
   Call ``c + 1`` is launched before chunk ``c`` is yielded, so the host's
   work on a chunk (decoding, grading) overlaps the device's next call; each
@@ -164,9 +172,10 @@ def generate_calls(engine: Engine, model, prompts: Sequence[Sequence[int]], deco
     p_bucket, b_bucket = sampler.prompt_bucket(max(len(p) for p in prompts)), prompts_per_call
   pending = None
   for call in calls:
+    offset = {} if row_offset_of is None else dict(row_offset=row_offset_of(call))
     out = engine.generate(model, prompts[call.start:call.stop], decoding,
                           num_samples=samples_per_call, key=key_of(call), mesh=mesh,
-                          prompt_bucket=p_bucket, batch_bucket=b_bucket)
+                          prompt_bucket=p_bucket, batch_bucket=b_bucket, **offset)
     if pending is not None:
       yield pending
     pending = Chunk(call, sharding.host_array(out.tokens), sharding.host_array(out.mask),  # host sync
