@@ -6,7 +6,8 @@
 #
 # Steps: (1) continuous vs static rollout engine on long-tailed budgets, a
 # 135M Llama, 8 x 8 rows (median 64, cap 512), wall time, tokens/s,
-# utilisation, identical rows; (2) decode tokens/s of the static sampler
+# utilisation, identical rows, generating in bfloat16 (float32 master
+# weights); (2) decode tokens/s of the static sampler
 # against the memory-bandwidth limit (bench/sampler.py prints the measured
 # copy bandwidth and the limit); (3) the loss benchmark (PPO-clip, Clip-Cov,
 # KL-Cov). Each step runs under `timeout` so one stuck step cannot eat the
@@ -21,11 +22,11 @@ DRY=0
 
 if [ "$DRY" = 1 ]; then
   export JAX_PLATFORMS=cpu
-  ENGINE_ARGS="--prompts 2 --samples 2 --median 4 --max-new 8 --slots 2 --repeats 1"
+  ENGINE_ARGS="--prompts 2 --samples 2 --median 4 --max-new 8 --slots 2 --repeats 1 --compute-dtype bfloat16"
   LOSS_ARGS="--batch 4 --time 64 --reps 1 --inner 1 --cache warm"
   STEP_TIMEOUT=120
 else
-  ENGINE_ARGS="--model 135m --median 64 --max-new 512 --slots 16"
+  ENGINE_ARGS="--model 135m --median 64 --max-new 512 --slots 16 --compute-dtype bfloat16"
   LOSS_ARGS=""
   STEP_TIMEOUT=200
 fi

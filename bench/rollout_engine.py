@@ -19,6 +19,7 @@ default is a small Llama-shaped model and shorter responses:
   python bench/rollout_engine.py                     # small model, ~1 min
   python bench/rollout_engine.py --uniform
   python bench/rollout_engine.py --model 135m --median 64 --max-new 512 --slots 16
+  python bench/rollout_engine.py --compute-dtype bfloat16   # bfloat16 weights and cache
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def budgets_of(args) -> list[int]:
 def run_once(model, prompts, budgets, args, **engine):
   """(wall s, process CPU s, tokens, stats) of one generation."""
   kw = dict(max_new_tokens=args.max_new, key=jax.random.key(args.seed), temperature=1.0,
-            num_samples=args.samples, budgets=budgets, **engine)
+            num_samples=args.samples, budgets=budgets, compute_dtype=args.compute_dtype, **engine)
   t0, c0 = time.perf_counter(), time.process_time()
   out = sampler.generate(model, prompts, **kw)
   tokens = np.asarray(out.tokens)
@@ -74,6 +75,8 @@ def main():
   ap.add_argument("--slots", type=int, default=16)
   ap.add_argument("--steps-per-call", type=int, default=None)
   ap.add_argument("--uniform", action="store_true")
+  ap.add_argument("--compute-dtype", default=None,
+                  help="generate from copies of the weights in this dtype (e.g. bfloat16)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()

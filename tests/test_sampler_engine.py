@@ -265,6 +265,13 @@ def test_rollout_engine_from_config_and_rollout_log_prob(model):
   batch, _ = rollout.assemble(PROMPTS, toks, mask, np.arange(15, dtype=np.float32),
                               samples_per_prompt=3, pad_id=0, rollout_log_prob=lps + 1.0)
   np.testing.assert_allclose(batch.rollout_log_prob, np.where(mask > 0, lps + 1.0, 0.0))
+  # bfloat16 generation through the rollout layer: the sampler's bfloat16 rows (greedy).
+  bf16 = rollout.make_engine("static", compute_dtype="bfloat16")
+  greedy = RolloutConfig(prompts_per_step=5, samples_per_prompt=3, max_new_tokens=R, top_k=20,
+                         temperature=0.0, reward="exact")
+  toks, _, _ = rollout.generate(bf16, model, PROMPTS, greedy, eos_id=EOS, key=key)
+  np.testing.assert_array_equal(toks, _gen(model, budgets=None, temperature=0.0,
+                                            compute_dtype="bfloat16").tokens)
   for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3)):
     with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
       RolloutConfig(**bad).validate()

@@ -73,11 +73,14 @@ class SamplerEngine:
   ``engine="static"``: a jitted prefill and a ``lax.while_loop`` decode per
   call. ``engine="continuous"``: ``slots`` rows decoded together and
   refilled from a queue as rows end, at most ``steps_per_call`` decode steps
-  per device call (None: the sampler's defaults).
+  per device call (None: the sampler's defaults). ``compute_dtype``: None
+  (the model's) or e.g. ``"bfloat16"``: generate from copies of the weights
+  in that dtype (KV cache too) while the trainer keeps its float32 ones.
   """
   engine: str = "static"
   slots: int | None = None
   steps_per_call: int | None = None
+  compute_dtype: str | None = None
 
   def __post_init__(self):
     if self.engine not in sampler.ENGINE_NAMES:
@@ -97,7 +100,7 @@ class SamplerEngine:
         prompt_buckets=None if prompt_bucket is None else (prompt_bucket,),
         batch_buckets=None if batch_bucket is None else (batch_bucket,),
         engine=self.engine, slots=self.slots, steps_per_call=self.steps_per_call,
-        row_offset=row_offset)
+        row_offset=row_offset, compute_dtype=self.compute_dtype)
     return Generated(tokens=out.tokens, logprobs=out.logprobs, mask=out.mask)
 
 
@@ -107,18 +110,20 @@ ENGINES: dict[str, Callable[..., Engine]] = {
 }
 
 
-def make_engine(name: str, *, slots: int | None = None,
-                steps_per_call: int | None = None) -> Engine:
+def make_engine(name: str, *, slots: int | None = None, steps_per_call: int | None = None,
+                compute_dtype: str | None = None) -> Engine:
   """The engine registered under ``name`` (``rollout.engine`` in the config).
 
   ``slots`` and ``steps_per_call`` set the continuous engine's S and K
   (None or 0: its defaults); the static engine ignores them.
+  ``compute_dtype``: see ``SamplerEngine``.
   """
   if name not in ENGINES:
     raise ValueError(f"unknown rollout engine {name!r}; known: {', '.join(sorted(ENGINES))}")
   if name == "static":
-    return ENGINES[name]()
-  return ENGINES[name](slots=slots or None, steps_per_call=steps_per_call or None)
+    return ENGINES[name](compute_dtype=compute_dtype)
+  return ENGINES[name](slots=slots or None, steps_per_call=steps_per_call or None,
+                       compute_dtype=compute_dtype)
 
 
 class Call(NamedTuple):
