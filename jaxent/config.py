@@ -147,6 +147,9 @@ class RolloutConfig:
   engine: str = "static"
   slots: int = 0                   # continuous engine: rows decoded together; 0 = min(rows, 64)
   decode_steps_per_call: int = 0   # continuous engine: most decode steps per device call; 0 = max_new_tokens
+  # generation dtype: null = the model's; "bfloat16" samples from bfloat16 copies of the
+  # weights (KV cache in bfloat16) while training keeps the model's float32 parameters
+  compute_dtype: str | None = None
   # importance weights / rejection against the sampler's log-probs (TIS, IcePop, rejection
   # masks; jaxent.losses.rollout_correction); null = off
   correction: CorrectionConfig | None = None
@@ -171,6 +174,8 @@ class RolloutConfig:
     _check(isinstance(self.decode_steps_per_call, int) and self.decode_steps_per_call >= 0,
            f"{key}.decode_steps_per_call",
            f"must be an int >= 0 (0: max_new_tokens), got {self.decode_steps_per_call!r}")
+    _check(self.compute_dtype in (None, "float32", "bfloat16"), f"{key}.compute_dtype",
+           f"must be null, 'float32' or 'bfloat16', got {self.compute_dtype!r}")
 
 
 @dataclass(frozen=True)

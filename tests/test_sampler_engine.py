@@ -272,6 +272,9 @@ def test_rollout_engine_from_config_and_rollout_log_prob(model):
   toks, _, _ = rollout.generate(bf16, model, PROMPTS, greedy, eos_id=EOS, key=key)
   np.testing.assert_array_equal(toks, _gen(model, budgets=None, temperature=0.0,
                                             compute_dtype="bfloat16").tokens)
-  for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3)):
+  assert rollout.make_engine("continuous", compute_dtype="bfloat16").compute_dtype == "bfloat16"
+  RolloutConfig(compute_dtype="bfloat16").validate()
+  for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3),
+              dict(compute_dtype="float16")):
     with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
       RolloutConfig(**bad).validate()

@@ -182,7 +182,8 @@ def _setup(cfg: Config, comps: Components, release_params: bool):
     # parameters need not stay alive beside them for the whole run.
     comps.params = None
   ro = cfg.rollout
-  engine = rollout.make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call)
+  engine = rollout.make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call,
+                               compute_dtype=ro.compute_dtype)
   parts = _Parts(mesh=mesh, engine=engine,
                  step_fn=jit_train_step(spec, tx, mesh=mesh),
                  logprob_fn=jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh),
