@@ -73,7 +73,8 @@ class SampleStats(NamedTuple):
   Static engine: ``decode_steps`` counts the draws of the longest row (the
   prefill's included) and every padded row is computed at each. Continuous
   engine: ``decode_steps`` counts the decode loop's steps, each over all S
-  slots, and each row's first token (drawn at its insert) adds one.
+  slots; ``slot_steps`` adds one per row (padding rows included) for its
+  first token, drawn at the prefill.
   """
   decode_steps: jax.Array      # forwards that drew tokens for every row / slot
   slot_steps: jax.Array        # row draws computed (idle rows included)
