@@ -125,6 +125,15 @@ def test_gpu_variants_generate_in_chunks_that_fit_an_h100(size, gpus, tmp_path):
         cfg.rollout, prompts_per_generate=0)), topology=str(gpus), platform="cuda", log=lambda _: None)
     assert whole.per_device["rollout_kv_cache"] == pytest.approx(kv(256), rel=1e-9)
     assert whole.per_device["rollout_kv_cache"] > 80e9
+    # bfloat16 generation (rollout.compute_dtype): half the KV cache, plus a bfloat16
+    # copy of the float32 weights beside the train state.
+    bf16 = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, compute_dtype="bfloat16")), topology=str(gpus), platform="cuda",
+        log=lambda _: None)
+    assert bf16.per_device["rollout_kv_cache"] == pytest.approx(kv(chunk) / 2, rel=1e-9)
+    pd = rep.per_device
+    assert bf16.per_device["rollout_total"] == pytest.approx(
+        pd["params"] * 1.5 + pd["optimizer"] + kv(chunk) / 2 * (1 + 1 / 8), rel=1e-9)
 
 
 def test_chunked_attention_lets_an_h100_hold_four_7b_rows(tmp_path):

@@ -224,8 +224,13 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   opt_b = _bytes_per_device(state.opt_state, sh.opt_state, sizes)
   gen = _generation_shape(cfg, mcfg, plan.batch_shards)
   kv_heads = mcfg.num_kv_heads / (plan.shape[2] if mcfg.num_kv_heads % plan.shape[2] == 0 else 1)
+  # Generation runs in rollout.compute_dtype when set (a copy of the weights in
+  # that dtype beside the train state, and its KV cache), else in the model's.
+  gen_dt = np.dtype(ro.compute_dtype or mcfg.dtype)
+  copy_b = (params_b * gen_dt.itemsize / np.dtype(mcfg.param_dtype).itemsize
+            if ro.compute_dtype else 0.0)
   kv_b = (gen.rows / plan.batch_shards * gen.slots * 2 * mcfg.num_layers * kv_heads
-          * mcfg.head_dim * np.dtype(mcfg.dtype).itemsize)
+          * mcfg.head_dim * gen_dt.itemsize)
   per_device = {
       "params": params_b, "optimizer": opt_b, "gradients": params_b,
       "activations": _activation_bytes(mcfg, micro / plan.batch_shards, seq, plan.shape[2]),
@@ -234,7 +239,8 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   per_device["train_total"] = params_b + opt_b + params_b + per_device["activations"]
   # While generating: the train state and the cache; the prefill also holds the
   # cache of the chunk's prompts before it is repeated for their samples.
-  per_device["rollout_total"] = params_b + opt_b + kv_b * (1 + 1 / ro.samples_per_prompt)
+  per_device["rollout_total"] = (params_b + opt_b + copy_b
+                                 + kv_b * (1 + 1 / ro.samples_per_prompt))
 
   src = cfg.model.path or "model.arch"
   d, f, t = plan.shape
@@ -252,7 +258,8 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   log(f"  rollout   {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples per step in "
       f"{gen.calls} sampler call{'s' if gen.calls > 1 else ''} of {gen.prompts} prompts"
       f"{f' (padded to {gen.bucket})' if gen.bucket != gen.prompts else ''}: KV cache of "
-      f"{gen.rows} rows x {gen.slots} slots ({gen.rows / plan.batch_shards:g} rows per data x fsdp shard)")
+      f"{gen.rows} rows x {gen.slots} slots ({gen.rows / plan.batch_shards:g} rows per data x fsdp "
+      f"shard), {gen_dt.name}{' weight copy' if ro.compute_dtype else ''}")
   what = {"compiled": f"compiled for {plan.size} local {plat} devices",
           "compiled-topology": f"compiled ahead of time for {topology} ({plat})",
           "lowered": f"lowered for an abstract {d}x{f}x{t} {plat} mesh (not compiled)"}[mode]
