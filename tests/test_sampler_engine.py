@@ -215,6 +215,6 @@ def test_rollout_engine_from_config_and_rollout_log_prob(model):
   batch, _ = rollout.assemble(PROMPTS, toks, mask, np.arange(15, dtype=np.float32),
                               samples_per_prompt=3, pad_id=0, rollout_log_prob=lps + 1.0)
   np.testing.assert_allclose(batch.rollout_log_prob, np.where(mask > 0, lps + 1.0, 0.0))
-  for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3)):
+  for bad in (dict(engine="sglang"), dict(slots=-1), dict(decode_steps_per_call=-3)):
     with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
       RolloutConfig(**bad).validate()
