@@ -4,7 +4,6 @@ The first test always runs (no vllm needed): choosing the engine without the
 package gives one clear error. The rest need the optional ``vllm`` package
 (docs/VLLM.md: the CPU build in its own venv) and skip without it.
 """
-import os
 import sys
 
 import jax
@@ -95,7 +94,7 @@ def test_greedy_tokens_equal_the_static_engine_before_and_after_a_weight_update(
 def _teacher_forced_logprobs(model, prompt, resp, temperature, top_k, top_p):
   """log pi_trunc(y_t) of each response token: jaxent's forward, scaled and truncated."""
   toks = jnp.asarray([list(prompt) + list(resp)], jnp.int32)
-  logits = models.apply(model.config, model.params, toks)[0, len(prompt) - 1:-1]
+  logits = models.apply(model.config, model.params, toks)[0][0, len(prompt) - 1:-1]
   z = sampler.truncate_logits(sampler.scale_logits(logits.astype(jnp.float32), temperature),
                               top_k, top_p)
   lp = jax.nn.log_softmax(z, axis=-1)
@@ -154,7 +153,8 @@ def test_two_rl_steps_with_the_vllm_engine_train_and_log_the_logprob_gap(tmp_pat
 
   arch = {"model_type": "qwen2", "hidden_size": 64, "num_layers": 1, "num_heads": 2,
           "num_kv_heads": 1, "head_dim": 32, "intermediate_size": 64, "tie_word_embeddings": True}
-  raw = loop_config(model={"arch": arch}, train={"steps": 2},
+  # The tiny policy earns no reward: an entropy bonus gives the updates a real gradient.
+  raw = loop_config(model={"arch": arch}, train={"steps": 2}, loss={"entropy_coef": 0.01},
                     rollout={"engine": "vllm", "vllm_kv_cache_bytes": 64 << 20,
                              "vllm_max_model_len": 128})
   cfg = C.from_dict(raw)
@@ -166,8 +166,9 @@ def test_two_rl_steps_with_the_vllm_engine_train_and_log_the_logprob_gap(tmp_pat
   for r in rows:
     assert np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
     assert r["weight_sync_s"] > 0
-    # fp32 engine, no truncation: its log-probs are the trainer's old log-probs up to
-    # float32 rounding of two implementations.
-    assert 0 <= r["rollout_logprob_diff"] < 1e-3, r["rollout_logprob_diff"]
+    # fp32 engine, no truncation: its log-probs are the trainer's old log-probs (of the
+    # current params) up to float32 rounding of two implementations (measured ~1e-7). At
+    # step 2 this holds only if the engine generated with the params of step 1's update.
+    assert 0 <= r["rollout_logprob_diff_max"] < 1e-5, r["rollout_logprob_diff_max"]
   # Step 2's rollout came from the engine after step 1's sync: its small gap above says the
   # engine held the updated weights (the trainer's old log-probs are of those).
