@@ -30,11 +30,14 @@ def _threads_from_argv(argv) -> int:
       return int(argv[i + 1])
     if a.startswith("--threads="):
       return int(a.split("=", 1)[1])
-  return 2
+  return 1
 
 
 # Every engine gets the same cores: the process is pinned before jax and torch
-# start their pools; vLLM's CPU worker otherwise drops torch to 1 thread.
+# start their pools, and vLLM's torch gets as many OpenMP threads. The default
+# is 1 core: on the shared 2-core machine (load average 7-9) vLLM with 2
+# OpenMP threads measured 16 tok/s against 238 with 1 (a descheduled worker
+# stalls every parallel region).
 THREADS = _threads_from_argv(sys.argv)
 if hasattr(os, "sched_setaffinity"):
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
@@ -69,7 +72,7 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--prompt-len", type=int, default=16)
   ap.add_argument("--repeats", type=int, default=1)
-  ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--threads", type=int, default=1)
   ap.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32")
   ap.add_argument("--engines", nargs="+", default=["static", "continuous", "vllm"])
   args = ap.parse_args()
