@@ -37,6 +37,16 @@ def test_vllm_engine_without_the_package_names_package_and_extra(monkeypatch, tm
   assert len(err) == 1 and "jaxent[vllm]" in err[0] and "vllm package" in err[0]
 
 
+@pytest.mark.parametrize("bad", [dict(vllm_dtype="float16"), dict(vllm_kv_cache_bytes=0),
+                                 dict(vllm_max_model_len=-1), dict(engine="sglang")])
+def test_bad_vllm_settings_name_the_key(bad):
+  from jaxent.config import RolloutConfig
+  from jaxent.errors import ConfigError
+
+  with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
+    RolloutConfig(**bad).validate()
+
+
 # ----------------------------------------------------------------------------- with vllm
 def _need_vllm():
   pytest.importorskip("vllm")
@@ -60,6 +70,19 @@ def engine_and_family(request):
   eng = rollout.make_engine("vllm", vllm_kv_cache_bytes=64 << 20, vllm_max_model_len=64)
   yield eng, request.param
   eng.close()
+
+
+def test_kv_budget_beyond_memory_or_below_one_sequence_is_a_setup_error():
+  _need_vllm()
+  m = _model("qwen2", True, seed=0)
+  dec = rollout.Decoding(4)
+  eng = rollout.make_engine("vllm", vllm_kv_cache_bytes=1 << 60)
+  with pytest.raises(SetupError, match=r"vllm_kv_cache_bytes = 1152921504606846976 is more than"):
+    eng.generate(m, PROMPTS, dec, num_samples=1, key=jax.random.key(0))
+  eng = rollout.make_engine("vllm", vllm_kv_cache_bytes=1000, vllm_max_model_len=64)
+  with pytest.raises(SetupError, match=r"vllm_kv_cache_bytes = 1000 and max_model_len 64: No avail"):
+    eng.generate(m, PROMPTS, dec, num_samples=1, key=jax.random.key(0))
+  assert eng._dir is None                                   # its weight directory is removed
 
 
 def _static(model, decoding, n, key, **kw):
@@ -145,7 +168,7 @@ def test_bfloat16_engine_logprobs_within_bfloat16_tolerance():
     eng.close()
 
 
-def test_two_rl_steps_with_the_vllm_engine_train_and_log_the_logprob_gap(tmp_path):
+def test_two_rl_steps_with_the_vllm_engine_train_log_the_gap_and_resume_exactly(tmp_path):
   _need_vllm()
   from jaxent import config as C
   from jaxent.train import _build, _loop
@@ -154,21 +177,32 @@ def test_two_rl_steps_with_the_vllm_engine_train_and_log_the_logprob_gap(tmp_pat
   arch = {"model_type": "qwen2", "hidden_size": 64, "num_layers": 1, "num_heads": 2,
           "num_kv_heads": 1, "head_dim": 32, "intermediate_size": 64, "tie_word_embeddings": True}
   # The tiny policy earns no reward: an entropy bonus gives the updates a real gradient.
-  raw = loop_config(model={"arch": arch}, train={"steps": 2}, loss={"entropy_coef": 0.01},
+  raw = loop_config(model={"arch": arch}, train={"steps": 2, "ckpt_every": 1},
+                    loss={"entropy_coef": 0.01},
                     rollout={"engine": "vllm", "vllm_kv_cache_bytes": 64 << 20,
                              "vllm_max_model_len": 128})
-  cfg = C.from_dict(raw)
-  run_dir = str(tmp_path / "run")
-  comps = _build.build_components(cfg, run_dir)
-  res = _loop.train(cfg, run_dir, comps)
+
+  def run(name, steps, resume=False):
+    cfg = C.from_dict(raw, [f"train.steps={steps}"])
+    run_dir = str(tmp_path / name)
+    return _loop.train(cfg, run_dir, _build.build_components(cfg, run_dir), resume=resume)
+
+  res = run("full", 2)
   rows = res.history
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
     assert np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
     assert r["weight_sync_s"] > 0
     # fp32 engine, no truncation: its log-probs are the trainer's old log-probs (of the
-    # current params) up to float32 rounding of two implementations (measured ~1e-7). At
+    # current params) up to float32 rounding of two implementations (measured ~3e-7). At
     # step 2 this holds only if the engine generated with the params of step 1's update.
     assert 0 <= r["rollout_logprob_diff_max"] < 1e-5, r["rollout_logprob_diff_max"]
-  # Step 2's rollout came from the engine after step 1's sync: its small gap above says the
-  # engine held the updated weights (the trainer's old log-probs are of those).
+  # Stop after step 1, resume (a fresh engine from the checkpoint's params): the same
+  # seeds and weights give the same rollouts, so the same metrics and parameters.
+  run("split", 1)
+  res2 = run("split", 2, resume=True)
+  timing = ("step_time_s", "sample_time_s", "tokens_per_s", "weight_sync_s")
+  strip = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
+  assert strip(res2.history[-1]) == strip(rows[-1])
+  for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(res2.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

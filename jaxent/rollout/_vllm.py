@@ -139,10 +139,16 @@ class VLLMEngine:
     self._dir = tempfile.mkdtemp(prefix="jaxent-vllm-")
     models.save_pretrained(model, self._dir)
     max_len = self.max_model_len or min(cfg.max_position_embeddings, 4096)
-    self._llm = vllm.LLM(model=self._dir, dtype=self.dtype, enforce_eager=True,
-                         max_model_len=max_len, kv_cache_memory_bytes=self.kv_cache_bytes,
-                         skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
-                         seed=0)
+    try:
+      self._llm = vllm.LLM(model=self._dir, dtype=self.dtype, enforce_eager=True,
+                           max_model_len=max_len, kv_cache_memory_bytes=self.kv_cache_bytes,
+                           skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
+                           seed=0)
+    except ValueError as e:  # vLLM reports a KV cache too small for one sequence so
+      self.close()
+      raise SetupError(f"the vLLM engine did not start with rollout.vllm_kv_cache_bytes = "
+                       f"{self.kv_cache_bytes} and max_model_len {max_len}: "
+                       f"{str(e).splitlines()[0][:300]}") from None
     self._config, self._synced = cfg, model.params
 
   def close(self) -> None:
