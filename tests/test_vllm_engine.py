@@ -147,6 +147,36 @@ def test_logprobs_of_the_sampled_distribution_match_a_teacher_forced_forward(
   assert not np.array_equal(np.asarray(other.tokens), toks)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (2.0, 8, 0.9)])
+def test_first_token_frequencies_follow_the_sampled_distribution(engine_and_family, temperature,
+                                                                 top_k, top_p):
+  """Chi-square of 4096 first tokens (one prompt, per-row seeds) against jaxent's softmax of
+  the scaled, truncated logits; tokens outside the kept set never appear."""
+  from scipy import stats
+
+  eng, (family, tied) = engine_and_family
+  m = _model(family, tied, seed=3)
+  m = models.Model(params=jax.tree.map(lambda x: x / 4.0 if x.ndim > 1 else x, m.params),
+                   config=m.config)                         # a flatter distribution
+  n = 4096
+  out = eng.generate(m, [PROMPTS[1]], rollout.Decoding(1, temperature=temperature, top_k=top_k,
+                                                       top_p=top_p), num_samples=n,
+                     key=jax.random.key(11))
+  first = np.asarray(out.tokens)[:, 0]
+  logits = models.apply(m.config, m.params, jnp.asarray([PROMPTS[1]]))[0][0, -1]
+  z = sampler.truncate_logits(sampler.scale_logits(logits, temperature), top_k, top_p)
+  p = np.asarray(jax.nn.softmax(z), np.float64)
+  p /= p.sum()                                              # float32 softmax -> exact sum 1
+  assert (p[first] > 0).all()                               # only kept tokens are drawn
+  counts = np.bincount(first, minlength=p.size).astype(np.float64)
+  big = p * n >= 5                                          # pool the rare tokens into one bin
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(p[big] * n, p[~big].sum() * n)
+  keep = exp > 0
+  assert big.sum() >= 4
+  assert stats.chisquare(obs[keep], exp[keep]).pvalue > 1e-3
+
+
 def test_bfloat16_engine_logprobs_within_bfloat16_tolerance():
   _need_vllm()
   eng = rollout.make_engine("vllm", vllm_dtype="bfloat16", vllm_kv_cache_bytes=64 << 20,

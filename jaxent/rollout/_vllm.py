@@ -73,7 +73,10 @@ def _to_torch(x: np.ndarray, dtype: str):
     import ml_dtypes
     bits = np.ascontiguousarray(np.asarray(x).astype(ml_dtypes.bfloat16)).view(np.uint16)
     return torch.from_numpy(bits).view(torch.bfloat16)
-  return torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
+  x = np.asarray(x)
+  if x.dtype != np.float32 or not x.flags.writeable or not x.flags.c_contiguous:
+    x = np.array(x, dtype=np.float32, order="C")   # torch wants a writable array
+  return torch.from_numpy(x)
 
 
 def _reload(worker, tensors: dict, tied: bool) -> float:
