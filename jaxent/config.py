@@ -142,14 +142,18 @@ class RolloutConfig:
   reward: str = "math"             # reward function name (jaxent.rewards)
   reward_timeout_s: float = 5.0    # per-response grading time limit
   scale_by_std: bool = True        # GRPO std scaling (False = Dr.GRPO)
-  # generation engine: "static" (one batch decoded until its longest row ends) or
-  # "continuous" (`slots` rows decoded together, refilled from a queue as rows end)
+  # generation engine: "static" (one batch decoded until its longest row ends),
+  # "continuous" (`slots` rows decoded together, refilled from a queue as rows end) or
+  # "vllm" (an in-process vLLM, weights synced after every update; pip install 'jaxent[vllm]')
   engine: str = "static"
   slots: int = 0                   # continuous engine: rows decoded together; 0 = min(rows, 64)
   decode_steps_per_call: int = 0   # continuous engine: most decode steps per device call; 0 = max_new_tokens
   # generation dtype: null = the model's; "bfloat16" samples from bfloat16 copies of the
   # weights (KV cache in bfloat16) while training keeps the model's float32 parameters
   compute_dtype: str | None = None
+  vllm_dtype: str = "float32"      # vllm engine: compute dtype, "float32" or "bfloat16"
+  vllm_kv_cache_bytes: int = 1 << 30  # vllm engine: KV cache size (checked against free memory at start)
+  vllm_max_model_len: int = 0      # vllm engine: longest prompt + response; 0 = min(model's max positions, 4096)
   # importance weights / rejection against the sampler's log-probs (TIS, IcePop, rejection
   # masks; jaxent.losses.rollout_correction); null = off
   correction: CorrectionConfig | None = None
@@ -167,8 +171,16 @@ class RolloutConfig:
     _check(self.max_gen_batches >= 1, f"{key}.max_gen_batches", "must be >= 1")
     _check(self.max_gen_batches == 1 or self.filter_groups, f"{key}.max_gen_batches",
            f"> 1 refills filtered groups, so it needs {key}.filter_groups = true")
-    _check(self.engine in ("static", "continuous"), f"{key}.engine",
-           f"must be 'static' or 'continuous', got {self.engine!r}")
+    _check(self.engine in ("static", "continuous", "vllm"), f"{key}.engine",
+           f"must be 'static', 'continuous' or 'vllm', got {self.engine!r}")
+    _check(self.vllm_dtype in ("float32", "bfloat16"), f"{key}.vllm_dtype",
+           f"must be 'float32' or 'bfloat16', got {self.vllm_dtype!r}")
+    _check(isinstance(self.vllm_kv_cache_bytes, int) and not isinstance(self.vllm_kv_cache_bytes, bool)
+           and self.vllm_kv_cache_bytes >= 1, f"{key}.vllm_kv_cache_bytes",
+           f"must be an int >= 1, got {self.vllm_kv_cache_bytes!r}")
+    _check(isinstance(self.vllm_max_model_len, int) and not isinstance(self.vllm_max_model_len, bool)
+           and self.vllm_max_model_len >= 0, f"{key}.vllm_max_model_len",
+           f"must be an int >= 0 (0: the model's), got {self.vllm_max_model_len!r}")
     _check(isinstance(self.slots, int) and self.slots >= 0, f"{key}.slots",
            f"must be an int >= 0 (0: the engine's default), got {self.slots!r}")
     _check(isinstance(self.decode_steps_per_call, int) and self.decode_steps_per_call >= 0,

@@ -274,7 +274,7 @@ def test_rollout_engine_from_config_and_rollout_log_prob(model):
                                             compute_dtype="bfloat16").tokens)
   assert rollout.make_engine("continuous", compute_dtype="bfloat16").compute_dtype == "bfloat16"
   RolloutConfig(compute_dtype="bfloat16").validate()
-  for bad in (dict(engine="vllm"), dict(slots=-1), dict(decode_steps_per_call=-3),
+  for bad in (dict(engine="sglang"), dict(slots=-1), dict(decode_steps_per_call=-3),
               dict(compute_dtype="float16")):
     with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
       RolloutConfig(**bad).validate()

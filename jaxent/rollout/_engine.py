@@ -6,7 +6,13 @@ explicit key. The training loop, the held-out evaluation and ``jaxent eval``
 call engines only through :func:`generate_calls`, so a second engine (a
 continuous-batching sampler, a serving engine) changes nothing above this
 module. :class:`SamplerEngine` (``jaxent.sampler``'s static prefill + decode
-loop) is the first implementation.
+loop) is the first implementation; ``VLLMEngine`` (``_vllm.py``, optional
+package ``vllm``) the second.
+
+An engine whose weights live outside the JAX params (a serving engine) also
+has ``sync(model) -> seconds``: the training loop calls
+:func:`sync_engine` after each update, which is a no-op for engines without
+it (the native engines read the params at every call).
 """
 from __future__ import annotations
 
@@ -66,6 +72,13 @@ class Engine(Protocol):
                batch_bucket: int | None = None, row_offset: int = 0) -> Generated: ...
 
 
+def sync_engine(engine: Engine, model) -> float | None:
+  """Pushes ``model``'s params into ``engine`` if it keeps its own copy (``engine.sync``);
+  the seconds it took, or None for an engine that reads the params at every call."""
+  fn = getattr(engine, "sync", None)
+  return None if fn is None else fn(model)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerEngine:
   """``jaxent.sampler.generate`` with one of its engines.
@@ -104,26 +117,47 @@ class SamplerEngine:
     return Generated(tokens=out.tokens, logprobs=out.logprobs, mask=out.mask)
 
 
+def _vllm_engine(**kw) -> Engine:
+  from jaxent.rollout._vllm import VLLMEngine  # imports vllm only when chosen
+  return VLLMEngine(**kw)
+
+
 ENGINES: dict[str, Callable[..., Engine]] = {
     "static": SamplerEngine,
     "continuous": functools.partial(SamplerEngine, "continuous"),
+    "vllm": _vllm_engine,
 }
 
 
 def make_engine(name: str, *, slots: int | None = None, steps_per_call: int | None = None,
-                compute_dtype: str | None = None) -> Engine:
+                compute_dtype: str | None = None, vllm_dtype: str = "float32",
+                vllm_kv_cache_bytes: int = 1 << 30, vllm_max_model_len: int = 0) -> Engine:
   """The engine registered under ``name`` (``rollout.engine`` in the config).
 
   ``slots`` and ``steps_per_call`` set the continuous engine's S and K
   (None or 0: its defaults); the static engine ignores them.
-  ``compute_dtype``: see ``SamplerEngine``.
+  ``compute_dtype``: see ``SamplerEngine``. ``vllm_*`` configure the vLLM
+  engine (``VLLMEngine``): its dtype, KV cache bytes and max_model_len;
+  choosing it without vllm installed raises ``SetupError`` naming the
+  package and the extra.
   """
   if name not in ENGINES:
     raise ValueError(f"unknown rollout engine {name!r}; known: {', '.join(sorted(ENGINES))}")
   if name == "static":
     return ENGINES[name](compute_dtype=compute_dtype)
+  if name == "vllm":
+    return ENGINES[name](dtype=vllm_dtype, kv_cache_bytes=vllm_kv_cache_bytes,
+                         max_model_len=vllm_max_model_len)
   return ENGINES[name](slots=slots or None, steps_per_call=steps_per_call or None,
                        compute_dtype=compute_dtype)
+
+
+def engine_of(ro) -> Engine:
+  """The engine a ``config.RolloutConfig`` names, with its settings."""
+  return make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call,
+                     compute_dtype=ro.compute_dtype,
+                     vllm_dtype=ro.vllm_dtype, vllm_kv_cache_bytes=ro.vllm_kv_cache_bytes,
+                     vllm_max_model_len=ro.vllm_max_model_len)
 
 
 class Call(NamedTuple):

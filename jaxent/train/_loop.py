@@ -141,6 +141,9 @@ def _rl_step(parts: _Parts, cfg: Config, comps: Components, state: TrainState, s
     for mb in minis:
       state, m = parts.step_fn(state, mb)
       step_metrics.append(m)
+  # An engine with its own copy of the weights (vLLM) gets the updated policy now.
+  sync_s = rollout.sync_engine(parts.engine, models.Model(params=state.params,
+                                                           config=comps.model_config))
   step_metrics, cov, gaps = jax.device_get((step_metrics, cov, gaps))  # one device->host sync per RL step
   dt = time.perf_counter() - t0
   row = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
@@ -151,6 +154,8 @@ def _rl_step(parts: _Parts, cfg: Config, comps: Components, state: TrainState, s
   row["rollout_logprob_diff_max"] = float(max(g[1] for g in gaps))
   row.update(dataclasses.asdict(ro_out.stats))
   row["gen_batches"] = ro_out.gen_batches
+  if sync_s is not None:
+    row["weight_sync_s"] = sync_s
   row.update({f"reward_{k}": v for k, v in ro_out.reward_counters.items()})
   if comps.counters is not None:
     row.update({f"data_{k}": v for k, v in comps.counters().items()})
@@ -182,8 +187,7 @@ def _setup(cfg: Config, comps: Components, release_params: bool):
     # parameters need not stay alive beside them for the whole run.
     comps.params = None
   ro = cfg.rollout
-  engine = rollout.make_engine(ro.engine, slots=ro.slots, steps_per_call=ro.decode_steps_per_call,
-                               compute_dtype=ro.compute_dtype)
+  engine = rollout.engine_of(ro)
   parts = _Parts(mesh=mesh, engine=engine,
                  step_fn=jit_train_step(spec, tx, mesh=mesh),
                  logprob_fn=jit_logprobs(spec, micro_batches=tr.micro_batches, mesh=mesh),
