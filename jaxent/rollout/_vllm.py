@@ -92,10 +92,14 @@ def _reload(worker, tensors: dict, tied: bool) -> float:
   return time.perf_counter() - t0
 
 
-def row_seeds(key: jax.Array, rows: int) -> np.ndarray:
-  """31-bit seed of each row: ``bits(fold_in(key, row)) >> 1`` (host int64 ``[rows]``)."""
+def row_seeds(key: jax.Array, rows: int, row_offset: int = 0) -> np.ndarray:
+  """31-bit seed of each row: ``bits(fold_in(key, row_offset + row)) >> 1`` (host int64 ``[rows]``).
+
+  Row ``r`` of a call starting at global row ``row_offset`` draws what it
+  would draw in one call over every row: chunking does not change the rows.
+  """
   bits = jax.vmap(lambda r: jax.random.bits(jax.random.fold_in(key, r), dtype=jnp.uint32))(
-      jnp.arange(rows))
+      row_offset + jnp.arange(rows))
   return (np.asarray(bits).astype(np.int64) >> 1)
 
 
@@ -181,9 +185,11 @@ class VLLMEngine:
 
   # -------------------------------------------------------------------- generation
   def generate(self, model, prompts, decoding, *, num_samples: int, key, mesh=None,
-               prompt_bucket: int | None = None, batch_bucket: int | None = None):
+               prompt_bucket: int | None = None, batch_bucket: int | None = None,
+               row_offset: int = 0):
     """Engine Protocol; ``mesh``, ``prompt_bucket`` and ``batch_bucket`` are not used (vLLM
-    has no compiled shapes and runs on its own device)."""
+    has no compiled shapes and runs on its own device). Row ``r`` is seeded from
+    ``fold_in(key, row_offset + r)``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -206,7 +212,7 @@ class VLLMEngine:
     eos = () if eos is None else ((eos,) if isinstance(eos, (int, np.integer)) else tuple(eos))
     greedy = decoding.temperature == 0
     n_rows = len(prompts) * num_samples
-    seeds = row_seeds(key, n_rows)
+    seeds = row_seeds(key, n_rows, row_offset)
     params = [SamplingParams(
         n=1, temperature=float(decoding.temperature), top_p=float(decoding.top_p),
         top_k=int(decoding.top_k) if decoding.top_k > 0 else -1, max_tokens=r,
