@@ -9,6 +9,7 @@ comes up, or dies, exits non-zero with a message instead of hanging.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 from jaxent import cli
 from jaxent import config as C
 from jaxent.apps import _distributed
+from jaxent.errors import EXIT_PREEMPTED
 from jaxent.train import _build, _loop
 from tests._tiny import loop_config
 
@@ -100,6 +102,45 @@ def test_two_processes_train_like_one(tmp_path):
   _assert_rows_close(_rows(run_dir), ref.history)
   for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(ref.state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  """Preemption across hosts: SIGTERM reaches only process 1; after the step under way both
+  processes agree (one gather), save the same checkpoint and exit 75."""
+  cfg = loop_config(name="multi", train={"steps": 1000, "ckpt_every": 0, "preempt_grace_s": 120},
+                    mesh={"data": 2, "fsdp": 2, "tensor": 2})
+  cfg_path = tmp_path / "pre.yaml"
+  cfg_path.write_text(yaml.safe_dump(cfg))
+  run_dir = str(tmp_path / "run")
+  port = _free_port()
+  procs = [_launch(["train", str(cfg_path), "--run-dir", run_dir, "--coordinator", f"127.0.0.1:{port}",
+                    "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"])
+           for i in range(2)]
+  try:
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(metrics) and _rows(run_dir)):    # process 0 logged a step
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+          [p.communicate(timeout=30)[1][-3000:] for p in procs if p.poll() is not None]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=200) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == EXIT_PREEMPTED, f"process {i}:\n{err[-3000:]}"
+  saved = sorted(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit())
+  assert len(saved) == 1 and saved[0] >= 1
+  n = saved[0]
+  assert [r["step"] for r in _rows(run_dir)] == list(range(1, n + 1))
+  assert f"after step {n}: checkpoint {n} saved" in outs[0][1]   # process 0 never got a signal
+  # the checkpoint both processes wrote restores in one process and continues
+  cfg_next = C.from_dict(cfg, [f"train.steps={n + 1}"])
+  res = _loop.train(cfg_next, run_dir, _build.build_components(cfg_next, run_dir), resume=True)
+  assert int(res.state.step) == (n + 1) * cfg_next.train.mini_batches
 
 
 def test_a_process_without_coordinator_exits_with_a_message(tmp_path):
