@@ -254,7 +254,7 @@ def _warm_start(plan: StudyPlan, out_dir: str, *, resume: bool, log) -> tuple[An
       with np.load(npz) as z:
         loaded = [z[f"p{i}"] for i in range(len(leaves))]
       log(f"jaxent study: warm start read back from {wdir}")
-      return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in loaded]), comps, rec
+      return _on_one_device(jax.tree_util.tree_unflatten(treedef, loaded)), comps, rec
     log("jaxent study: the stored warm start has other settings: training it again")
   log(f"jaxent study: warm start ({s.sft_steps} supervised steps) ...")
   t0 = time.perf_counter()
@@ -265,7 +265,15 @@ def _warm_start(plan: StudyPlan, out_dir: str, *, resume: bool, log) -> tuple[An
   os.replace(tmp, npz)
   rec = {"signature": sig, "nll": float(nll), "seconds": time.perf_counter() - t0}
   _write_json(rec_path, rec)
-  return params, comps, rec
+  return _on_one_device(params), comps, rec
+
+
+def _on_one_device(params):
+  """``params`` on this process's first device, laid out as ``train.load_run`` restores a
+  checkpoint: the warm start and the checkpoints then share the evaluation's compiled programs."""
+  import jax
+  from jax.sharding import SingleDeviceSharding
+  return jax.device_put(params, SingleDeviceSharding(jax.local_devices()[0]))
 
 
 # ------------------------------------------------------------ evaluation ---
@@ -313,8 +321,11 @@ class _Evaluator:
         out[f"accuracy_{name}"] = float(sampled[rows].mean())
     if passk:
       n = min(self.s.passk_prompts, len(self.prompts))
-      c = self._grade(model, self.prompts[:n], self.answers[:n], k=self.s.passk_max,
-                      temperature=self.temperature, key=kp)
+      if self.s.passk_max == self.s.eval_k:  # the mean@k samples serve (no second program)
+        c = sampled[:n]
+      else:
+        c = self._grade(model, self.prompts[:n], self.answers[:n], k=self.s.passk_max,
+                        temperature=self.temperature, key=kp)
       out["passk"] = {str(k): eval_lib.pass_at_k(c, k) for k in self.s.passk_ks}
       if self.subset is not None and self.subset[:n].any():
         out["passk_decoy"] = {str(k): eval_lib.pass_at_k(c[self.subset[:n]], k)
