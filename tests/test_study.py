@@ -65,10 +65,17 @@ def test_quick_study_writes_every_output(quick_study):
 
 
 def _table(path):
-  lines = [l for l in open(path, encoding="utf-8").read().splitlines() if l.startswith("| ")]
-  header = [c.strip() for c in lines[0].strip("|").split("|")]
-  return header, {c[0]: dict(zip(header, c)) for c in
-                  ([x.strip() for x in l.strip("|").split("|")] for l in lines[1:])}
+  """The first table of a markdown file: (header, {first cell: {column: cell}})."""
+  text = open(path, encoding="utf-8").read().splitlines()
+  start = next(i for i, l in enumerate(text) if l.startswith("| "))
+  lines = []
+  for l in text[start:]:
+    if not l.startswith("|"):
+      break
+    lines.append([x.strip() for x in l.strip("|").split("|")])
+  header, rows = lines[0], lines[2:]                   # lines[1] is the --- separator
+  assert set("".join(lines[1])) <= {"-", " "}
+  return header, {r[0]: dict(zip(header, r)) for r in rows}
 
 
 def test_table_matches_study_json(quick_study):
