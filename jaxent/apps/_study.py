@@ -299,11 +299,11 @@ class _Evaluator:
   def _grade(self, model, prompts, answers, *, k: int, temperature: float, key):
     from jaxent import eval as eval_lib
     from jaxent import rollout
+    from jaxent.rewards import is_correct
     task = self.comps.task
     dec = rollout.Decoding(max_new_tokens=self.max_new, temperature=temperature, eos_id=task.eos_id)
     s = eval_lib.sample_and_grade(self.engine, model, prompts, answers, dec, k=k, grade=task.grade,
                                   decode=task.decode, key=key, batch_size=_EVAL_ROWS)
-    from jaxent.rewards import is_correct
     return is_correct(s.rewards)  # bool [N, k]
 
   def __call__(self, model, *, seed: int, step: int, passk: bool) -> dict:
