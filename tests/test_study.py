@@ -222,3 +222,17 @@ def test_every_study_method_builds_its_config():
   # the methods share everything but the loss
   strip = lambda c: {k: v for k, v in c.__dict__.items() if k not in ("loss", "name")}  # noqa: E731
   assert all(strip(c) == strip(cfgs["grpo"]) for c in cfgs.values())
+
+
+@pytest.mark.parametrize("name", ["study", "decoy", "decoy_p98", "decoy_p98_n05", "decoy_mb8"])
+def test_every_study_file_validates(name):
+  here = os.path.dirname(os.path.abspath(__file__))
+  path = os.path.join(here, "..", "configs", "study", f"{name}.yaml")
+  for quick in (False, True):
+    plan = S.load_plan(path, quick=quick)          # every method's config is built and validated
+    assert plan.methods and "grpo" in plan.methods
+    steps = plan.settings.eval_steps
+    assert steps[0] == 0 and steps[-1] == plan.settings.rl_steps
+    # the early fit has its 3 evaluations in the first early_fraction of the steps
+    assert sum(t <= plan.settings.early_fraction * plan.settings.rl_steps for t in steps) >= 3
+  assert len(set(os.listdir(os.path.dirname(path)))) == 5   # no study file left untested
