@@ -358,10 +358,45 @@ def _run_demo(args: argparse.Namespace) -> int:
   apps.run_demo(args.out, quick=args.quick)
   return EXIT_OK
 
+# ------------------------------------------------------------------ study ---
+
+def _add_study(sub) -> None:
+  p = sub.add_parser(
+      "study", help="every entropy-management method from one warm start, on one table",
+      description=(
+          "From one supervised warm start, the same seeds and the same budget, train every method "
+          "of the study file (GRPO, Clip-higher, entropy bonus, adaptive entropy, the top-entropy "
+          "mask, GSPO, CISPO, Clip-Cov, KL-Cov), evaluate each on the held-out problems (greedy, "
+          "mean@k at the training temperature, pass@k), fit the entropy-performance law and its "
+          "early-fit prediction, and write study.json, study.md and entropy.png, accuracy.png, "
+          "law.png, passk.png. See docs/STUDY.md."))
+  p.add_argument("--quick", action="store_true", help="the smoke version (the study file's quick section)")
+  p.add_argument("--config", default=None, metavar="STUDY.yaml",
+                 help="the study file (default: configs/study/study.yaml)")
+  p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                 help="run only these methods of the study file")
+  p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                 help="the seeds (default: the study file's)")
+  p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
+  p.add_argument("--resume", action="store_true",
+                 help="reuse the warm start and every finished run in --out (a run is redone "
+                      "only if it did not finish or its settings changed)")
+
+
+def _run_study(args: argparse.Namespace) -> int:
+  from jaxent import apps
+  try:
+    apps.run_study(args.out, study_file=args.config, quick=args.quick, methods=args.methods,
+                   seeds=args.seeds, resume=args.resume)
+  except (JaxentError, ValueError) as e:
+    return _error(str(e))
+  return EXIT_OK
+
 # ------------------------------------------------------------------ main ---
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": (_add_demo, _run_demo),
+    "study": (_add_study, _run_study),
     "train": (_add_train, _run_train),
     "eval": (_add_eval, _run_eval),
     "export": (_add_export, _run_export),

@@ -16,7 +16,9 @@ import pytest
 from jaxent import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/study/ holds study files (jaxent study), validated by tests/test_study.py.
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if (ROOT / "configs" / "study") not in p.parents)
 PAPER = ROOT / "configs" / "paper"
 
 MODELS = ("7b", "32b")

@@ -1,6 +1,6 @@
 """Layer 7: the programs behind the CLI, over the library's public names.
 
-``run_demo`` (``jaxent demo``), ``dry_run`` (``jaxent train --dry-run``),
+``run_demo`` (``jaxent demo``), ``run_study`` (``jaxent study``), ``dry_run`` (``jaxent train --dry-run``),
 ``initialize_distributed`` (joining the hosts of a multi-process job) and
 ``fit_law`` (``jaxent fit-law``: the law fitted to a run, law.json and law.png).
 Imports are light: jax, matplotlib and the trainer load when a program runs.
@@ -12,6 +12,12 @@ def run_demo(out_dir: str, *, quick: bool = False, **kw):
   """``jaxent demo``: see ``jaxent.apps._demo.run_demo``."""
   from jaxent.apps._demo import run_demo as run  # jax and the trainer load here
   return run(out_dir, quick=quick, **kw)
+
+
+def run_study(out_dir: str, **kw):
+  """``jaxent study``: see ``jaxent.apps._study.run_study``."""
+  from jaxent.apps._study import run_study as run  # jax and the trainer load here
+  return run(out_dir, **kw)
 
 
 def dry_run(cfg, **kw):
@@ -27,4 +33,4 @@ def fit_law(run_dir: str, **kw) -> str:
 
 
 __all__ = ["DistributedInfo", "detect_cluster", "dry_run", "fit_law",
-           "initialize_distributed", "run_demo"]
+           "initialize_distributed", "run_demo", "run_study"]

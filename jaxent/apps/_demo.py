@@ -70,17 +70,20 @@ def _noisy(answer: str, rng: np.random.Generator, noise: float) -> str:
   return "".join(chars)
 
 
-def _sft_batches(task, tok, n: int, seed: int, noise: float = 0.0):
+def _sft_batches(task, tok, n: int, seed: int, noise: float = 0.0, decoy=None):
   """Supervised pairs: prompt -> answer (``S1;S2$``), digits corrupted with prob ``noise``.
 
   The noise makes the warm start a policy that knows the answer but is not
   sure of it (its mode is right, its samples often are not), the situation
-  of a pretrained model at the start of RL.
+  of a pretrained model at the start of RL. ``decoy`` (a
+  ``data.arithmetic.DecoyLabels``) replaces the answers of a subset of the
+  problems by a wrong one with its probability, before the noise.
   """
   ops = task.sample_operands(n, seed=seed, unique=False)
   rng = np.random.default_rng(seed)
   prompts = [tok.encode(task.prompt(o)) for o in ops]
-  answers = [tok.encode(_noisy(task.answer(o), rng, noise)) for o in ops]
+  label = task.answer if decoy is None else (lambda o: decoy.label(task, o, rng))
+  answers = [tok.encode(_noisy(label(o), rng, noise)) for o in ops]
   r = max(len(a) for a in answers)
   toks = np.zeros((n, r), np.int32)
   mask = np.zeros((n, r), np.float32)
@@ -93,9 +96,12 @@ def _sft_batches(task, tok, n: int, seed: int, noise: float = 0.0):
 
 
 def warm_start(cfg: config_lib.Config, model_config, params, settings: DemoSettings, *,
-               log=print, chunk: int = 50):
+               log=print, chunk: int = 50, decoy=None):
   """Supervised warm start on the task; returns (params, final nll/token).
 
+  ``settings`` supplies ``sft_steps``, ``sft_batch``, ``sft_lr`` and
+  ``sft_noise`` (a ``DemoSettings`` or the study's settings); ``decoy`` (a
+  ``data.arithmetic.DecoyLabels``) teaches a wrong answer on a subset.
   All batches are generated up front and ``chunk`` steps run per jitted
   ``lax.scan``, so the phase costs compute, not Python dispatch.
   """
@@ -118,7 +124,7 @@ def warm_start(cfg: config_lib.Config, model_config, params, settings: DemoSetti
     return params, opt_state, losses
 
   n = settings.sft_steps * settings.sft_batch
-  data = _sft_batches(task, tok, n, seed=10_000, noise=settings.sft_noise)
+  data = _sft_batches(task, tok, n, seed=10_000, noise=settings.sft_noise, decoy=decoy)
   params = jax.tree.map(lambda x: x.copy(), params)
   opt_state = tx.init(params)
   loss = float("nan")

@@ -225,3 +225,46 @@ def fit_law(run_dir: str, *, fit_first: int | None = None, x_key: str = DEFAULT_
   write_law_json(os.path.join(run_dir, "law.json"), law_record(fit, series, fit_first))
   plot_law(os.path.join(run_dir, "law.png"), fit, series)
   return summary_line(fit, series, run_dir)
+
+
+def early_fit_prediction(steps, entropy, accuracy, *, total_steps: int, fraction: float = 0.25,
+                         method: str = "ols") -> dict:
+  """The law fitted on the evaluations of the first ``fraction`` of a run, against its end.
+
+  The points are ordered by step; those with ``step <= fraction * total_steps``
+  are fitted (``diagnostics.fit_entropy_law``), and the fit predicts the
+  accuracy at the last point's entropy, ``-a*exp(H_last) + b``, which is
+  compared with the accuracy the run reached there.
+
+  Returns:
+    ``n_fit``, ``a``, ``b``, ``r2``, ``ceiling`` (``b - a``, the fit at
+    ``H = 0``), ``last_step``, ``last_entropy``, ``predicted_final``,
+    ``realised_final``, ``error`` (predicted - realised).
+
+  Raises:
+    ValueError: mismatched or too short series, fewer than 3 points in the
+      early window or none after it, or a degenerate fit (named).
+  """
+  from jaxent import diagnostics
+  st = np.asarray(steps, np.float64)
+  h = np.asarray(entropy, np.float64)
+  r = np.asarray(accuracy, np.float64)
+  if not st.shape == h.shape == r.shape or st.ndim != 1:
+    raise ValueError(f"steps, entropy and accuracy must be 1-D of one length, got shapes "
+                     f"{st.shape}, {h.shape}, {r.shape}")
+  if not 0 < fraction < 1:
+    raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+  order = np.argsort(st, kind="stable")
+  st, h, r = st[order], h[order], r[order]
+  k = int(np.sum(st <= fraction * total_steps))
+  if k < 3 or k >= st.size:
+    raise ValueError(
+        f"the early fit needs at least 3 evaluations at steps <= {fraction:g} x {total_steps} and "
+        f"at least one after; got {k} of {st.size} (evaluate more often)")
+  fit = diagnostics.fit_entropy_law(h, r, fit_first=k, method=method,
+                                    labels=("entropy", "accuracy"))
+  predicted = float(fit.predict(h[-1]))
+  return {"n_fit": k, "a": float(fit.a), "b": float(fit.b), "r2": _finite_or_none(fit.r2),
+          "ceiling": float(fit.ceiling), "last_step": int(st[-1]), "last_entropy": float(h[-1]),
+          "predicted_final": predicted, "realised_final": float(r[-1]),
+          "error": predicted - float(r[-1])}

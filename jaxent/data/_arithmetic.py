@@ -234,3 +234,63 @@ class CharTokenizer:
 
   def apply_chat_template(self, *args, **kwargs):
     raise ValueError("CharTokenizer has no chat template")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoyLabels:
+  """A difficulty knob for the supervised warm start: a learned wrong answer on a subset.
+
+  On the problems whose last operand is ``last_operand`` (about a ninth of
+  them with one-digit operands), the supervised answer's last partial sum is
+  replaced by ``sum + offset`` with probability ``prob``. A policy trained on
+  these labels has the decoy as its mode on that subset and samples the right
+  chain rarely (about ``1 - prob`` of the time, less after the other digits'
+  noise): RL finds the right answer there only by exploring. The subset is a
+  property of the prompt, so a policy can learn to tell it apart.
+
+  Attributes:
+    last_operand: the last operand that marks a problem of the subset.
+    prob: probability in [0, 1] that a supervised answer of the subset is the decoy.
+    offset: added to the last partial sum in the decoy, != 0.
+  """
+  last_operand: int = 9
+  prob: float = 0.9
+  offset: int = -1
+
+  def __post_init__(self):
+    if not isinstance(self.last_operand, int) or self.last_operand < 0:
+      raise ValueError(f"last_operand must be an int >= 0, got {self.last_operand!r}")
+    if not 0.0 <= self.prob <= 1.0:
+      raise ValueError(f"prob must be in [0, 1], got {self.prob!r}")
+    if not isinstance(self.offset, int) or self.offset == 0:
+      raise ValueError(f"offset must be a nonzero int, got {self.offset!r}")
+
+  def applies(self, operands: np.ndarray) -> np.ndarray:
+    """bool ``[n]`` for int operands ``[n, num_operands]``: the problem is in the subset."""
+    ops = np.asarray(operands)
+    if ops.ndim != 2:
+      raise ValueError(f"operands must be [n, num_operands], got shape {ops.shape}")
+    return ops[:, -1] == self.last_operand
+
+  def decoy(self, task: ArithmeticTask, operands: Sequence[int]) -> str:
+    """The answer of ``task`` with its last partial sum moved by ``offset``."""
+    sums = [int(s) for s in np.cumsum([int(x) for x in operands])[1:]]
+    sums[-1] = max(sums[-1] + self.offset, 0)
+    return ";".join(str(s) for s in sums) + EOS
+
+  def label(self, task: ArithmeticTask, operands: Sequence[int], rng: np.random.Generator) -> str:
+    """The supervised answer: the decoy with probability ``prob`` on the subset, else the answer."""
+    if int(operands[-1]) == self.last_operand and rng.random() < self.prob:
+      return self.decoy(task, operands)
+    return task.answer(operands)
+
+
+def operands_of_prompt(prompt: str) -> list[int]:
+  """The operands of a prompt ``a+b+c=`` (the inverse of ``ArithmeticTask.prompt``).
+
+  Raises:
+    ValueError: the text is not ``n+n+...=`` (named).
+  """
+  if not prompt.endswith("=") or not all(p.isdigit() for p in prompt[:-1].split("+")):
+    raise ValueError(f"not an arithmetic prompt 'a+b+...=': {prompt[:80]!r}")
+  return [int(p) for p in prompt[:-1].split("+")]

@@ -6,6 +6,9 @@ from jaxent.data._arithmetic import (
     SPLITS,
     ArithmeticTask,
     CharTokenizer,
+    DecoyLabels,
+    operands_of_prompt,
 )
 
-__all__ = ["ALPHABET", "EOS", "PAD", "SPLITS", "ArithmeticTask", "CharTokenizer"]
+__all__ = ["ALPHABET", "EOS", "PAD", "SPLITS", "ArithmeticTask", "CharTokenizer", "DecoyLabels",
+           "operands_of_prompt"]
