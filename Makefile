@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Lint (ruff) and the layering contracts (import-linter, pyproject.toml) first.
+# The tests run on every core, a test file per worker (its module fixtures stay
+# in one process); the workers share the persistent compilation cache.
 test: $(STAMP)
 	$(VENV)/bin/ruff check jaxent tests bench
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # Includes the checks marked slow (a faster test covers each in `make test`).
 test-all: $(STAMP)

@@ -7,8 +7,13 @@ imports jax.
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# The suite compiles hundreds of small programs and runs each a few times:
+# LLVM at optimisation level 0 compiles them about a third faster (measured
+# on tests/test_train_step.py: 2m21s -> 1m33s CPU), and nothing here is timed.
+_OPT = "--xla_backend_optimization_level="
+for flag in (_FLAG, _OPT + "0"):
+  if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Tests (and the CLI subprocesses they start, which inherit the environment)

@@ -54,8 +54,9 @@ def _run(loss_cfg, micro, batch=None, tx=ADAMW, correction=None, state=None):
 
 TIS_GEO = CorrectionConfig(level="token", threshold=1.5, rejection="seq_mean_k1:0.7_1.4")
 MICRO = {"clip_cov": (4,), "kl_cov": (2, 4, 8), "ppo_seqmean_entropy_refkl": (4,),
-         "gspo": (2, 4, 8), "cispo": (2, 4, 8), "gmpo": (2, 4, 8), "ppo_entropy_mask": (2, 4, 8),
-         "clip_cov_entropy_mask_tis": (2, 8)}
+         "gspo": (4,), "cispo": (4,), "gmpo": (4,), "ppo_entropy_mask": (4,),
+         "clip_cov_entropy_mask_tis": (4,)}
+ALL_MICRO = (2, 4, 8)
 LOSS_CASES = {
     "clip_cov": LossConfig(name="clip_cov", ratio=0.2, cov_lb=-1e9, cov_ub=1e9),
     "kl_cov": LossConfig(name="kl_cov", ratio=0.2, kl_coef=1.0),
@@ -75,17 +76,26 @@ PPO = LossConfig(name="ppo_clip")
 
 @pytest.mark.parametrize("name", list(LOSS_CASES))
 def test_update_does_not_depend_on_micro_batch_count(name):
-  """Selection spans the mini-batch; normalisers are mini-batch-wide: 1, 2, 4, 8 agree.
+  """Selection spans the mini-batch; normalisers are mini-batch-wide: 1 and 4 agree
+  (kl_cov: 1, 2, 4, 8; every case with 2, 4, 8 in the slow run)."""
+  _check_micro_batch_counts(name, MICRO[name])
 
-  SGD with lr 1 makes the parameter change the gradient itself (Adam would
-  turn float noise in near-zero gradients into full-size steps).
-  """
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LOSS_CASES))
+def test_update_does_not_depend_on_micro_batch_count_2_4_8(name):
+  _check_micro_batch_counts(name, ALL_MICRO)
+
+
+def _check_micro_batch_counts(name, counts):
+  """SGD with lr 1 makes the parameter change the gradient itself (Adam would
+  turn float noise in near-zero gradients into full-size steps)."""
   corr = CORRECTION.get(name)
   ref_state, ref_m = _run(LOSS_CASES[name], 1, tx=SGD, correction=corr)
   g_ref = [p0 - p1 for p0, p1 in zip(jax.tree.leaves(_params()), jax.tree.leaves(ref_state.params))]
   scale = max(float(jnp.abs(g).max()) for g in g_ref)
   assert scale > 1e-4                                   # a real gradient, not a trivially zero one
-  for micro in MICRO[name]:
+  for micro in counts:
     st, m = _run(LOSS_CASES[name], micro, tx=SGD, correction=corr)
     g = [p0 - p1 for p0, p1 in zip(jax.tree.leaves(_params()), jax.tree.leaves(st.params))]
     for a, b in zip(g_ref, g):
