@@ -27,24 +27,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _threads_from_argv(argv) -> int:
-  for i, a in enumerate(argv):
-    if a == "--threads" and i + 1 < len(argv):
-      return int(argv[i + 1])
-    if a.startswith("--threads="):
-      return int(a.split("=", 1)[1])
-  return 1
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _threads  # noqa: E402  (pins the process before jax and torch start)
 
-
-# Both libraries get the same CPU cores: the process is pinned to the first
-# N allowed cores before jax and torch start their thread pools (XLA sizes
-# its pool from the affinity mask; XLA_FLAGS thread options do not bind the
-# CPU runtime's matmuls), and torch uses N threads. The default is 1 core: on
-# a shared machine a descheduled OpenMP/Eigen worker stalls every parallel
-# region (torch with 2 threads ran ~6x slower than with 1 under load).
-THREADS = _threads_from_argv(sys.argv)
-if hasattr(os, "sched_setaffinity"):
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
+THREADS = _threads.pin(sys.argv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

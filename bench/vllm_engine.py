@@ -24,24 +24,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _threads_from_argv(argv) -> int:
-  for i, a in enumerate(argv):
-    if a == "--threads" and i + 1 < len(argv):
-      return int(argv[i + 1])
-    if a.startswith("--threads="):
-      return int(a.split("=", 1)[1])
-  return 1
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _threads  # noqa: E402  (pins the process before jax and torch start)
 
-
-# Every engine gets the same cores: the process is pinned before jax and torch
-# start their pools, and vLLM's torch gets as many OpenMP threads. The default
-# is 1 core: on the shared 2-core machine (load average 7-9) vLLM with 2
-# OpenMP threads measured 16 tok/s against 238 with 1 (a descheduled worker
-# stalls every parallel region).
-THREADS = _threads_from_argv(sys.argv)
-if hasattr(os, "sched_setaffinity"):
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+THREADS = _threads.pin(sys.argv)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
