@@ -43,6 +43,7 @@ from jaxent import models
 from jaxent.config import check_decoding
 from jaxent.sampler._sampling import sample_logits
 from jaxent.sharding import BATCH_AXES, LOGICAL_RULES, constrain, logical_to_spec
+from jaxent.sharding import put as put_on_mesh
 
 # Counts how often each jitted function is traced (a Python side effect that
 # runs only while tracing): a retrace means a recompile, which tests forbid
@@ -541,15 +542,7 @@ def _replicate(tree, mesh):
   passes the same host value and places its own copies (a buffer on this
   process's device cannot be sent to another process's devices)."""
   sh = NamedSharding(mesh, P())
-
-  def put(x):
-    if isinstance(x, jax.Array) and not sh.is_fully_addressable and x.is_fully_addressable:
-      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data = jax.device_put(np.asarray(jax.random.key_data(x)), sh)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-      x = np.asarray(x)
-    return jax.device_put(x, sh)
-  return jax.tree.map(put, tree)
+  return jax.tree.map(lambda x: put_on_mesh(x, sh), tree)
 
 
 def _place_params(cfg, params, mesh: Mesh):

@@ -1,6 +1,6 @@
 """Layer 2: the device mesh, its planning, and the logical-axis table."""
 from jaxent.sharding._hlo import GATHERING_COLLECTIVES, collective_sizes
-from jaxent.sharding._hosts import gather_prompts, gather_rows, host_array, sum_counters
+from jaxent.sharding._hosts import gather_prompts, gather_rows, host_array, put, sum_counters
 from jaxent.sharding._mesh import (
     AXES,
     BATCH_AXES,
@@ -36,6 +36,7 @@ __all__ = [
     "parse_mesh",
     "plan_mesh",
     "plan_shape",
+    "put",
     "replicated",
     "sum_counters",
 ]

@@ -20,6 +20,22 @@ def host_array(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def put(x, s: jax.sharding.Sharding, *, may_alias: bool | None = None):
+  """``jax.device_put(x, s)`` that also works when ``s`` spans other processes' devices.
+
+  Another process's devices cannot receive this process's buffer: a local
+  ``jax.Array`` goes through the host, every process passing the same value
+  and placing its own shards (a typed PRNG key through its key data). An
+  array already on the mesh is copied device to device.
+  """
+  if isinstance(x, jax.Array) and not s.is_fully_addressable and x.is_fully_addressable:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), s, may_alias=may_alias)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+  return jax.device_put(x, s, may_alias=may_alias)
+
+
 def _allgather(x: np.ndarray) -> np.ndarray:
   """``[process_count, *x.shape]``: every process's ``x``, in process order."""
   from jax.experimental import multihost_utils

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
@@ -58,14 +57,9 @@ def constrain_like_params(model_config, tree):
 
 # ----------------------------------------------------------------------------- placement
 def _put(x, s: NamedSharding):
-  # An array already on the mesh (``models.from_pretrained(..., mesh=)``) is
-  # copied device to device, shard by shard: nothing passes through the host
-  # or one device.
-  if isinstance(x, jax.Array) and not s.is_fully_addressable and x.is_fully_addressable:
-    # Another process's devices cannot receive this process's buffer: every
-    # process passes the same host value and places its own shards.
-    x = np.asarray(x)
-  return jax.device_put(x, s, may_alias=False)
+  # A fresh copy, so the caller's arrays stay valid; an array already on the
+  # mesh (``models.from_pretrained(..., mesh=)``) is copied device to device.
+  return sharding.put(x, s, may_alias=False)
 
 
 def place(tree, shardings):
