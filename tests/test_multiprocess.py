@@ -55,6 +55,14 @@ def _launch(args, devices=4, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _launch_pair(cfg_path, run_dir):
+  """``jaxent train`` as processes 0 and 1 of one job, coordinated over loopback."""
+  port = _free_port()
+  return [_launch(["train", str(cfg_path), "--run-dir", run_dir, "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"])
+          for i in range(2)]
+
+
 def _rows(run_dir):
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -75,10 +83,7 @@ def test_two_processes_train_like_one(tmp_path):
   cfg_path = tmp_path / "multi.yaml"
   cfg_path.write_text(yaml.safe_dump(BASE))
   run_dir = str(tmp_path / "run")
-  port = _free_port()
-  procs = [_launch(["train", str(cfg_path), "--run-dir", run_dir, "--coordinator", f"127.0.0.1:{port}",
-                    "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"])
-           for i in range(2)]
+  procs = _launch_pair(cfg_path, run_dir)
   # Meanwhile, in this process: the same config on the same 8-device mesh, one step longer.
   ref_cfg = C.from_dict(BASE, ["train.steps=3"])
   ref_dir = str(tmp_path / "ref")
@@ -112,10 +117,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   cfg_path = tmp_path / "pre.yaml"
   cfg_path.write_text(yaml.safe_dump(cfg))
   run_dir = str(tmp_path / "run")
-  port = _free_port()
-  procs = [_launch(["train", str(cfg_path), "--run-dir", run_dir, "--coordinator", f"127.0.0.1:{port}",
-                    "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"])
-           for i in range(2)]
+  procs = _launch_pair(cfg_path, run_dir)
   try:
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
