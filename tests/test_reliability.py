@@ -252,10 +252,7 @@ def test_disk_full_mid_run_exit_2_keeps_checkpoint_then_resumes(tmp_path, monkey
   ck_dir = os.path.realpath(os.path.join(run_dir, "checkpoints"))
   assert msg.startswith(f"jaxent: error: cannot write checkpoint 4 to {ck_dir}: ")
   assert "No space left on device" in msg and "checkpoint (2) is kept" in msg
-  # checkpoint 2 is the only complete one; orbax's temporary directory of the failed
-  # commit may or may not be gone by now (its finalize thread races the error path)
-  assert _complete_steps(ck_dir) == [2]
-  assert all(n == "2" or n.endswith(".orbax-checkpoint-tmp") for n in os.listdir(ck_dir))
+  assert os.listdir(ck_dir) == ["2"]
   assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3, 4]
   assert _params(run_dir)[0] == 2                            # the kept checkpoint loads
   # space freed: --resume continues from it to the end

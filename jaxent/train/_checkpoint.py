@@ -213,9 +213,14 @@ class Checkpointer:
       if code is None:
         raise
       # Free what the partial write took (a full disk stays full otherwise);
-      # orbax would remove it at the next save of this step anyway.
-      for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}{_TMP_SUFFIX}*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+      # orbax would remove it at the next save of this step anyway. The first
+      # failing item surfaces while orbax may still be finishing the others,
+      # so its background work is waited for before the removal.
+      try:
+        self._mgr.wait_until_finished()
+      except Exception:  # noqa: BLE001 - the same failure again; it is being reported
+        pass
+      self._remove_partial(step)
       try:
         self._mgr.reload()
         last = self._mgr.latest_step()
@@ -224,6 +229,10 @@ class Checkpointer:
       kept = f"checkpoint ({last}) is kept" if last is not None else "checkpoint: none yet"
       raise RunDirError(f"cannot write checkpoint {step} to {self.directory}: {e}; "
                         f"the last complete {kept}", code) from e
+
+  def _remove_partial(self, step: int) -> None:
+    for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}{_TMP_SUFFIX}*")):
+      shutil.rmtree(tmp, ignore_errors=True)
 
   def verify(self, step: int) -> str | None:
     """Why checkpoint ``step`` fails its manifest, or None (see :func:`check_manifest`)."""
