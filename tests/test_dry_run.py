@@ -211,3 +211,47 @@ def test_topology_as_a_device_count(tmp_path, capsys):
   assert "data=1 x fsdp=32 x tensor=1" in out and "abstract 1x32x1 cuda mesh" in out
   assert math.isclose(float(re.search(r"params ([\d.]+) GB", out).group(1)) * 1e9,
                       _params_bytes_per_chip("7b", 32), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("slots, chunk, want_slots, want_bp", [
+    (64, 32, 64, 32),     # S rows of cache, the chunk's 32 prompts
+    (60, 24, 64, 32),     # S rounded up to a multiple of the 8 row shards, 24 prompts padded to 32
+    (0, 32, 64, 32),      # default S: min(rows of a call = 256, 64)
+    (0, 4, 32, 8),        # default S: min(32 rows, 64)
+])
+def test_continuous_engine_holds_its_slots_not_its_rows(slots, chunk, want_slots, want_bp, tmp_path):
+  """The continuous engine's memory while generating, by hand: the S slots' cache
+  ``[L, S, P + R, K, H]`` (not one row per generated response), the prompts' prefill
+  cache ``[L, Bp, P, K, H]`` kept for the refills, and the output buffers (tokens, mask,
+  log-probs, policy log-probs: 4 bytes each per row and response token), beside the
+  float32 train state and its bfloat16 copy."""
+  path = Path(ROOT) / "configs/paper/qwen2.5-7b-grpo.yaml"
+  cfg = C.load(str(path), [f"model.path={_hf_dir(tmp_path, '7b')}", "mesh.fsdp=8",
+                           "train.micro_batches=8", f"rollout.prompts_per_generate={chunk}",
+                           "rollout.engine=continuous", f"rollout.slots={slots}",
+                           "rollout.compute_dtype=bfloat16"])
+  lines = []
+  rep = _dryrun.dry_run(cfg, topology="8", platform="cuda", log=lines.append)
+  token = 2 * 28 * 4 * 128 * 2                   # bfloat16 K and V of one token, all 28 layers
+  slot_cache = want_slots / 8 * (2048 + 8192) * token
+  prompt_cache = want_bp / 8 * 2048 * token
+  out = want_bp * 8 / 8 * 8192 * 16
+  pd = rep.per_device
+  assert pd["rollout_kv_cache"] == pytest.approx(slot_cache, rel=1e-12)
+  copy = pd["params"] / 2                        # bfloat16 weights beside float32 master weights
+  assert pd["rollout_total"] == pytest.approx(
+      pd["params"] + pd["optimizer"] + copy + slot_cache + prompt_cache + out, rel=1e-12)
+  assert any(f"continuous engine: {want_bp * 8} rows through {want_slots} slots, KV cache of "
+             f"{want_slots} rows x 10240 entries ({want_slots // 8} rows per data x fsdp shard)"
+             in l for l in lines), lines
+  # The static engine on the same chunk keeps every row of the call.
+  static = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
+      cfg.rollout, engine="static")), topology="8", platform="cuda", log=lambda _: None)
+  assert static.per_device["rollout_kv_cache"] == pytest.approx(
+      _static_rows(chunk) / 8 * 10240 * token, rel=1e-12)
+
+
+def _static_rows(chunk):
+  """The static engine's rows of a chunked call: the chunk (its own batch bucket) x 8 samples,
+  rounded up to the 8 row shards."""
+  return -(-chunk // 8) * 8 * 8
