@@ -14,8 +14,10 @@ inputs (``jax.ShapeDtypeStruct`` carrying the shardings):
 
 Memory per device is also estimated analytically (parameters, Adam state,
 gradients, activations of one micro-batch, the rollout's KV cache for the
-prompts generated at once, ``rollout.prompts_per_generate``), since the
-analysis of a lowered-only program does not exist. Nothing is written.
+prompts generated at once, ``rollout.prompts_per_generate``: every row's for
+the static engine, the ``rollout.slots`` rows and the prompts' prefill for the
+continuous one), since the analysis of a lowered-only program does not exist.
+Nothing is written.
 """
 from __future__ import annotations
 
