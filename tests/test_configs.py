@@ -66,9 +66,11 @@ MODEL_DIR = {"7b": "Qwen2.5-7B", "32b": "Qwen2.5-32B"}
 
 # Devices of the recipe's mesh (a v5p-128 = 64 chips, a v5p-512 = 256 chips)
 # and of the GPU variant each header documents (one 8xH100 node for 7B, four
-# for 32B).
+# for 32B), and the GPU variant's rows per data x fsdp shard per micro-batch
+# (7B: 4 rows per GPU; 32B: 2 rows per tensor pair).
 TPU_DEVICES = {"7b": 64, "32b": 256}
 GPU_DEVICES = {"7b": 8, "32b": 32}
+GPU_ROWS = {"7b": 4, "32b": 2}
 
 
 def get(cfg, dotted):
@@ -138,8 +140,11 @@ def test_recipe_values(model, method):
   assert cfg.model.path.rstrip("/").endswith(MODEL_DIR[model])
   assert "dapo-math-17k" in cfg.data.train_path.lower()
   assert cfg.data.eval_path and cfg.data.eval_path != cfg.data.train_path
-  # float32 parameters (bfloat16 would round lr=1e-6 AdamW steps away), remat
-  assert cfg.model.dtype == "float32" and cfg.model.remat
+  # bfloat16 compute over float32 master weights and Adam state (bfloat16 parameters
+  # would round lr=1e-6 AdamW steps away), remat
+  assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32" and cfg.model.remat
+  # generation from a bfloat16 copy of the weights, slots refilled as rows end
+  assert cfg.rollout.compute_dtype == "bfloat16" and cfg.rollout.engine == "continuous"
   # 10240-token rows attend in query chunks (whole attention: 47 GB of scores per 7B row)
   assert 0 < cfg.model.attention_chunk < 2048 + 8192
 
@@ -165,16 +170,23 @@ def test_meshes_tpu_and_gpu(model, method):
   assert rows_per_device_per_micro_batch(tpu) == 1
   gpu = C.load(str(path), gpu_overrides(path))
   assert mesh_devices(gpu) == GPU_DEVICES[model]
-  assert rows_per_device_per_micro_batch(gpu) == 1
-  # The override touches the mesh, the accumulation and how many prompts are
-  # generated at once only: same gradient, same rollout distribution.
+  assert rows_per_device_per_micro_batch(gpu) == GPU_ROWS[model]
+  # The override touches the mesh, the accumulation and how many prompts and rows
+  # are generated at once only: same gradient, same rollout distribution.
   def rest(cfg):
     d = cfg.to_dict()
-    return {**d, "mesh": None, "train": None, "rollout": {**d["rollout"], "prompts_per_generate": None}}
+    return {**d, "mesh": None, "train": None,
+            "rollout": {**d["rollout"], "prompts_per_generate": None, "slots": None}}
   assert rest(gpu) == rest(tpu)
   assert dataclasses.replace(gpu.train, micro_batches=tpu.train.micro_batches) == tpu.train
-  # The TPU slice holds a whole rollout's KV cache; the GPUs generate it in
-  # chunks that split evenly over the batch devices (no padded prompts).
+  # The TPU slice generates a whole step's rows in one call; the GPUs in chunks
+  # that split evenly over the batch devices (no padded prompts). Either way the
+  # continuous engine's slots are a quarter of a call's rows (each slot is
+  # refilled), split evenly over the batch devices.
   assert tpu.rollout.prompts_per_generate == 0
   chunk = gpu.rollout.prompts_per_generate
   assert 0 < chunk < gpu.rollout.prompts_per_step and chunk % (gpu.mesh.data * gpu.mesh.fsdp) == 0
+  for cfg, prompts in ((tpu, tpu.rollout.prompts_per_step), (gpu, chunk)):
+    rows = prompts * cfg.rollout.samples_per_prompt
+    assert cfg.rollout.slots * 4 == rows
+    assert cfg.rollout.slots % (cfg.mesh.data * cfg.mesh.fsdp) == 0

@@ -85,25 +85,39 @@ def test_paper_recipe_dry_run(size, tmp_path, monkeypatch, capsys):
   np.testing.assert_allclose(est["gradients"] * 1e9, per_chip, rtol=1e-3)
   np.testing.assert_allclose(est["optimizer"] * 1e9, 2 * per_chip, rtol=1e-3)
   assert "1 per device over data x fsdp" in out               # the recipes' one row per chip
-  assert "remat, attention in query chunks of 512" in out
+  assert "float32 params, bfloat16 compute, remat, attention in query chunks of 512" in out
   # One 10240-token row per chip under remat, by hand: every layer's input, plus one
   # layer's q/k/v (twice: value + cotangent), 3 MLP and 4 residual-width intermediates,
-  # and the scores, probabilities and their cotangents for 512 queries x 10240 keys.
+  # all bfloat16 (2 bytes), and the float32 (4 bytes) scores, probabilities and their
+  # cotangents for 512 queries x 10240 keys.
   c, t = QWEN[size], 10240
   d, f, h, kv = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                  c["num_key_value_heads"])
-  hd = d // h
-  row = 4 * (c["num_hidden_layers"] * t * d + t * (2 * (h + 2 * kv) * hd + 3 * f + 4 * d)
-             + 4 * h * 512 * t)
+  hd, layers = d // h, c["num_hidden_layers"]
+  row = (2 * (layers * t * d + t * (2 * (h + 2 * kv) * hd + 3 * f + 4 * d))
+         + 4 * 4 * h * 512 * t)
   act = float(re.search(r"activations ([\d.]+) GB", out).group(1))
   np.testing.assert_allclose(act * 1e9, row, rtol=1e-3)
-  assert "256 prompts x 8 samples per step in 1 sampler call of 256 prompts" in out  # TPU: unchunked
+  # TPU: a step's 256 prompts in one call, their 2048 rows through the 512 slots of the
+  # continuous engine; bfloat16 K and V of 10240 entries per slot, slots over the chips.
+  assert ("256 prompts x 8 samples per step in 1 sampler call of 256 prompts, continuous "
+          "engine: 2048 rows through 512 slots") in out
+  token = 2 * layers * kv * hd * 2
+  cache = float(re.search(r"rollout kv cache ([\d.]+) GB", out).group(1))
+  np.testing.assert_allclose(cache * 1e9, 512 / chips * t * token, rtol=1e-3)
+  # While generating: the float32 state without gradients, the bfloat16 weight copy,
+  # the slots' cache, the 256 prompts' prefill cache (2048 entries each) and the
+  # output buffers (4 arrays of 4 bytes per row and response token).
+  total = float(re.search(r"rollout total ([\d.]+) GB", out).group(1))
+  np.testing.assert_allclose(total * 1e9, 3 * per_chip + per_chip / 2 + 512 / chips * t * token
+                             + 256 / chips * 2048 * token + 2048 / chips * 8192 * 16, rtol=1e-3)
 
 
 @pytest.mark.parametrize("size, gpus", [("7b", 8), ("32b", 32)])
 def test_gpu_variants_generate_in_chunks_that_fit_an_h100(size, gpus, tmp_path):
-  """The GPU command of each recipe's header: the KV cache is that of one chunk of
-  prompts, and generation and the update each fit an 80 GB H100."""
+  """The GPU command of each recipe's header: the KV cache is that of the continuous
+  engine's slots for one chunk of prompts, and generation and the update each fit an
+  80 GB H100."""
   path = Path(ROOT) / f"configs/paper/qwen2.5-{size}-grpo.yaml"
   cfg = C.load(str(path), gpu_overrides(path) + [f"model.path={_hf_dir(tmp_path, size)}"])
   lines = []
@@ -113,37 +127,51 @@ def test_gpu_variants_generate_in_chunks_that_fit_an_h100(size, gpus, tmp_path):
   q = QWEN[size]
   head_dim = q["hidden_size"] // q["num_attention_heads"]
 
-  def kv(prompts):  # float32 K and V: prompts x 8 rows of 2048 + 8192 slots, rows over data x fsdp
-    return (prompts * 8 / (d * f) * 10240 * 2 * q["num_hidden_layers"] * q["num_key_value_heads"] / t
-            * head_dim * 4)
-  chunk = cfg.rollout.prompts_per_generate
-  assert rep.per_device["rollout_kv_cache"] == pytest.approx(kv(chunk), rel=1e-9)
-  assert any(f"in {256 // chunk} sampler calls of {chunk} prompts" in l for l in lines), lines
-  assert rep.per_device["rollout_total"] < 80e9 and rep.per_device["train_total"] < 80e9
-  if size == "7b":  # unchunked, the same mesh needs the whole rollout's cache: 300 GB
+  def kv(rows, itemsize=2):  # K and V: rows of 2048 + 8192 entries, rows over data x fsdp
+    return (rows / (d * f) * 10240 * 2 * q["num_hidden_layers"] * q["num_key_value_heads"] / t
+            * head_dim * itemsize)
+  chunk, slots = cfg.rollout.prompts_per_generate, cfg.rollout.slots
+  assert rep.per_device["rollout_kv_cache"] == pytest.approx(kv(slots), rel=1e-9)
+  assert any(f"in {256 // chunk} sampler calls of {chunk} prompts, continuous engine: "
+             f"{chunk * 8} rows through {slots} slots" in l for l in lines), lines
+  pd = rep.per_device
+  prompts = kv(chunk) * 2048 / 10240                       # the chunk's prefill cache
+  out = chunk * 8 / (d * f) * 8192 * 16                    # output buffers
+  assert pd["rollout_total"] == pytest.approx(
+      pd["params"] * 3.5 + kv(slots) + prompts + out, rel=1e-9)   # f32 state w/o grads + bf16 copy
+  assert pd["rollout_total"] < 80e9 and pd["train_total"] < 80e9
+  if size == "7b":
+    # The static engine, unchunked, on the same mesh needs a whole rollout's cache:
+    # 150 GB in bfloat16 (300 GB in float32).
     whole = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
-        cfg.rollout, prompts_per_generate=0)), topology=str(gpus), platform="cuda", log=lambda _: None)
-    assert whole.per_device["rollout_kv_cache"] == pytest.approx(kv(256), rel=1e-9)
+        cfg.rollout, prompts_per_generate=0, engine="static")), topology=str(gpus),
+        platform="cuda", log=lambda _: None)
+    assert whole.per_device["rollout_kv_cache"] == pytest.approx(kv(2048), rel=1e-9)
     assert whole.per_device["rollout_kv_cache"] > 80e9
-    # bfloat16 generation (rollout.compute_dtype): half the KV cache, plus a bfloat16
-    # copy of the float32 weights beside the train state.
-    bf16 = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
-        cfg.rollout, compute_dtype="bfloat16")), topology=str(gpus), platform="cuda",
+    # Generation in the model's dtype (no rollout.compute_dtype): no weight copy and
+    # the KV cache in bfloat16 too; with float32 compute, twice the cache.
+    same = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, compute_dtype=None)), topology=str(gpus), platform="cuda",
         log=lambda _: None)
-    assert bf16.per_device["rollout_kv_cache"] == pytest.approx(kv(chunk) / 2, rel=1e-9)
-    pd = rep.per_device
-    assert bf16.per_device["rollout_total"] == pytest.approx(
-        pd["params"] * 1.5 + pd["optimizer"] + kv(chunk) / 2 * (1 + 1 / 8), rel=1e-9)
+    assert same.per_device["rollout_total"] == pytest.approx(
+        pd["rollout_total"] - pd["params"] / 2, rel=1e-9)
+    f32 = _dryrun.dry_run(dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dtype="float32"),
+        rollout=dataclasses.replace(cfg.rollout, compute_dtype=None)), topology=str(gpus),
+        platform="cuda", log=lambda _: None)
+    assert f32.per_device["rollout_kv_cache"] == pytest.approx(kv(slots, 4), rel=1e-9)
 
 
 def test_chunked_attention_lets_an_h100_hold_four_7b_rows(tmp_path):
-  """Activations of the 7B update per GPU with 4 rows per micro-batch (micro_batches=8 on
-  8 GPUs): with whole attention the [28, 10240, 10240] float32 scores, probabilities and
-  their cotangents alone are 47 GB a row; chunked, the update fits an 80 GB H100."""
+  """Activations of the 7B update per GPU with 4 rows per micro-batch (the GPU command's
+  micro_batches=8 on 8 GPUs): with whole attention the [28, 10240, 10240] float32 scores,
+  probabilities and their cotangents alone are 47 GB a row; chunked, the update fits an
+  80 GB H100."""
   path = Path(ROOT) / "configs/paper/qwen2.5-7b-grpo.yaml"
   cfg = C.load(str(path), gpu_overrides(path) + [f"model.path={_hf_dir(tmp_path, '7b')}"])
   mcfg = _dryrun.model_config(cfg)
   assert mcfg.attention_chunk == 512 and mcfg.remat
+  assert cfg.train.micro_batches == 8 and cfg.mesh.fsdp == 8   # 2048 / 8 / 8 / 8 = 4 rows per GPU
   chunked = _dryrun._activation_bytes(mcfg, 4, 10240, 1)
   whole = _dryrun._activation_bytes(mcfg.replace(attention_chunk=0), 4, 10240, 1)
   assert whole - chunked == pytest.approx(4 * 4 * 28 * (10240 - 512) * 10240 * 4, rel=1e-12)
@@ -211,3 +239,47 @@ def test_topology_as_a_device_count(tmp_path, capsys):
   assert "data=1 x fsdp=32 x tensor=1" in out and "abstract 1x32x1 cuda mesh" in out
   assert math.isclose(float(re.search(r"params ([\d.]+) GB", out).group(1)) * 1e9,
                       _params_bytes_per_chip("7b", 32), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("slots, chunk, want_slots, want_bp", [
+    (64, 32, 64, 32),     # S rows of cache, the chunk's 32 prompts
+    (60, 24, 64, 32),     # S rounded up to a multiple of the 8 row shards, 24 prompts padded to 32
+    (0, 32, 64, 32),      # default S: min(rows of a call = 256, 64)
+    (0, 4, 32, 8),        # default S: min(32 rows, 64)
+])
+def test_continuous_engine_holds_its_slots_not_its_rows(slots, chunk, want_slots, want_bp, tmp_path):
+  """The continuous engine's memory while generating, by hand: the S slots' cache
+  ``[L, S, P + R, K, H]`` (not one row per generated response), the prompts' prefill
+  cache ``[L, Bp, P, K, H]`` kept for the refills, and the output buffers (tokens, mask,
+  log-probs, policy log-probs: 4 bytes each per row and response token), beside the
+  float32 train state and its bfloat16 copy."""
+  path = Path(ROOT) / "configs/paper/qwen2.5-7b-grpo.yaml"
+  cfg = C.load(str(path), [f"model.path={_hf_dir(tmp_path, '7b')}", "mesh.fsdp=8",
+                           "train.micro_batches=8", f"rollout.prompts_per_generate={chunk}",
+                           "rollout.engine=continuous", f"rollout.slots={slots}",
+                           "rollout.compute_dtype=bfloat16"])
+  lines = []
+  rep = _dryrun.dry_run(cfg, topology="8", platform="cuda", log=lines.append)
+  token = 2 * 28 * 4 * 128 * 2                   # bfloat16 K and V of one token, all 28 layers
+  slot_cache = want_slots / 8 * (2048 + 8192) * token
+  prompt_cache = want_bp / 8 * 2048 * token
+  out = want_bp * 8 / 8 * 8192 * 16
+  pd = rep.per_device
+  assert pd["rollout_kv_cache"] == pytest.approx(slot_cache, rel=1e-12)
+  copy = pd["params"] / 2                        # bfloat16 weights beside float32 master weights
+  assert pd["rollout_total"] == pytest.approx(
+      pd["params"] + pd["optimizer"] + copy + slot_cache + prompt_cache + out, rel=1e-12)
+  assert any(f"continuous engine: {want_bp * 8} rows through {want_slots} slots, KV cache of "
+             f"{want_slots} rows x 10240 entries ({want_slots // 8} rows per data x fsdp shard)"
+             in l for l in lines), lines
+  # The static engine on the same chunk keeps every row of the call.
+  static = _dryrun.dry_run(dataclasses.replace(cfg, rollout=dataclasses.replace(
+      cfg.rollout, engine="static")), topology="8", platform="cuda", log=lambda _: None)
+  assert static.per_device["rollout_kv_cache"] == pytest.approx(
+      _static_rows(chunk) / 8 * 10240 * token, rel=1e-12)
+
+
+def _static_rows(chunk):
+  """The static engine's rows of a chunked call: the chunk (its own batch bucket) x 8 samples,
+  rounded up to the 8 row shards."""
+  return -(-chunk // 8) * 8 * 8

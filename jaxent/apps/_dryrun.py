@@ -14,8 +14,10 @@ inputs (``jax.ShapeDtypeStruct`` carrying the shardings):
 
 Memory per device is also estimated analytically (parameters, Adam state,
 gradients, activations of one micro-batch, the rollout's KV cache for the
-prompts generated at once, ``rollout.prompts_per_generate``), since the
-analysis of a lowered-only program does not exist. Nothing is written.
+prompts generated at once, ``rollout.prompts_per_generate``: every row's for
+the static engine, the ``rollout.slots`` rows and the prompts' prefill for the
+continuous one), since the analysis of a lowered-only program does not exist.
+Nothing is written.
 """
 from __future__ import annotations
 
@@ -96,21 +98,46 @@ def _activation_bytes(mcfg, rows: int, seq: int, tensor: int) -> float:
 class _GenShape(NamedTuple):
   calls: int    # sampler calls per RL step
   prompts: int  # prompts per call (the chunk)
-  bucket: int   # padded prompt count Bb of a call (sampler batch bucket, multiple of data x fsdp)
-  rows: int     # KV cache rows: Bb x samples_per_prompt
-  slots: int    # KV cache slots per row: prompt bucket + max_new_tokens
+  bucket: int   # padded prompt count of a call (a multiple of data x fsdp)
+  rows: int     # rows generated per call: bucket x samples_per_prompt
+  prompt_len: int  # P, the prompt bucket
+  slots: int    # KV cache entries per cache row: P + max_new_tokens
+  cache_rows: int  # KV cache rows: static, every row of the call; continuous, the S slots
+  continuous: bool
 
 
 def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
-  """What one engine call of the loop holds (``rollout.generate``'s bucketing)."""
+  """What one engine call of the loop holds (``rollout.generate``'s bucketing).
+
+  The static engine pads the call's prompts to its batch bucket and keeps
+  every row's cache. The continuous engine pads them to a power of two (a
+  multiple of ``data x fsdp``), keeps only ``S`` rows of cache (``rollout.slots``,
+  default ``min(rows, 64)``, rounded up to a multiple of ``data x fsdp``) and
+  refills them from the call's queue of rows.
+  """
   ro = cfg.rollout
   chunk = ro.prompts_per_generate if 0 < ro.prompts_per_generate < ro.prompts_per_step \
       else ro.prompts_per_step
+  p_len = prompt_bucket(cfg.data.max_prompt_len)
+  calls = -(-ro.prompts_per_step // chunk)
+  if ro.engine == "continuous":
+    bp = -(-(1 << max(chunk - 1, 0).bit_length()) // batch_shards) * batch_shards
+    s = ro.slots or max(1, min(chunk * ro.samples_per_prompt, 64))
+    s = -(-s // batch_shards) * batch_shards
+    return _GenShape(calls=calls, prompts=chunk, bucket=bp, rows=bp * ro.samples_per_prompt,
+                     prompt_len=p_len, slots=p_len + ro.max_new_tokens, cache_rows=s,
+                     continuous=True)
   smp = sampler.Sampler(mcfg, batch_buckets=(chunk,) if chunk < ro.prompts_per_step else None)
   bb = smp.batch_bucket(chunk, batch_shards)
-  slots = smp.prompt_bucket(cfg.data.max_prompt_len) + ro.max_new_tokens
-  return _GenShape(calls=-(-ro.prompts_per_step // chunk), prompts=chunk, bucket=bb,
-                   rows=bb * ro.samples_per_prompt, slots=slots)
+  rows = bb * ro.samples_per_prompt
+  return _GenShape(calls=calls, prompts=chunk, bucket=bb, rows=rows, prompt_len=p_len,
+                   slots=p_len + ro.max_new_tokens, cache_rows=rows, continuous=False)
+
+
+def _dtypes(mcfg) -> str:
+  """``float32``, or ``float32 params, bfloat16 compute`` when the two differ."""
+  p, c = np.dtype(mcfg.param_dtype).name, np.dtype(mcfg.dtype).name
+  return p if p == c else f"{p} params, {c} compute"
 
 
 def _abstract_state(mcfg, tx, shardings: TrainState, loss_state=()) -> TrainState:
@@ -229,25 +256,34 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
   gen_dt = np.dtype(ro.compute_dtype or mcfg.dtype)
   copy_b = (params_b * gen_dt.itemsize / np.dtype(mcfg.param_dtype).itemsize
             if ro.compute_dtype else 0.0)
-  kv_b = (gen.rows / plan.batch_shards * gen.slots * 2 * mcfg.num_layers * kv_heads
-          * mcfg.head_dim * gen_dt.itemsize)
+  # K and V of one token on one device (heads split over tensor when it divides them).
+  token_b = 2 * mcfg.num_layers * kv_heads * mcfg.head_dim * gen_dt.itemsize
+  kv_b = gen.cache_rows / plan.batch_shards * gen.slots * token_b
   per_device = {
       "params": params_b, "optimizer": opt_b, "gradients": params_b,
       "activations": _activation_bytes(mcfg, micro / plan.batch_shards, seq, plan.shape[2]),
       "rollout_kv_cache": kv_b,
   }
   per_device["train_total"] = params_b + opt_b + params_b + per_device["activations"]
-  # While generating: the train state and the cache; the prefill also holds the
-  # cache of the chunk's prompts before it is repeated for their samples.
-  per_device["rollout_total"] = (params_b + opt_b + copy_b
-                                 + kv_b * (1 + 1 / ro.samples_per_prompt))
+  if gen.continuous:
+    # The S slots' cache, the prompts' prefill cache [Bp, P] (kept for the
+    # refills), and the output buffers: tokens, mask (int32), log-probs and
+    # policy log-probs (float32) of every row, [Bp x n, max_new_tokens].
+    prompts_b = gen.bucket / plan.batch_shards * gen.prompt_len * token_b
+    out_b = gen.rows / plan.batch_shards * ro.max_new_tokens * 16
+    per_device["rollout_total"] = params_b + opt_b + copy_b + kv_b + prompts_b + out_b
+  else:
+    # While generating: the train state and the cache; the prefill also holds the
+    # cache of the chunk's prompts before it is repeated for their samples.
+    per_device["rollout_total"] = (params_b + opt_b + copy_b
+                                   + kv_b * (1 + 1 / ro.samples_per_prompt))
 
   src = cfg.model.path or "model.arch"
   d, f, t = plan.shape
   log(f"jaxent train --dry-run: {cfg.name}")
   log(f"  model     {mcfg.model_type} ({src}): {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
       f"{mcfg.num_heads} heads / {mcfg.num_kv_heads} KV heads, vocab {mcfg.vocab_size}, "
-      f"{np.dtype(mcfg.param_dtype).name}{', remat' if mcfg.remat else ''}, attention "
+      f"{_dtypes(mcfg)}{', remat' if mcfg.remat else ''}, attention "
       + (f"in query chunks of {mcfg.attention_chunk}" if 0 < mcfg.attention_chunk < seq
          else "whole"))
   log(f"  params    {n_params:,} ({n_params / 1e9:.2f} B)")
@@ -257,9 +293,11 @@ def dry_run(cfg: Config, *, topology: str | None = None, platform: str | None = 
       f"data x fsdp = {d * f}); rows of {p_len} + {ro.max_new_tokens} = {seq} tokens")
   log(f"  rollout   {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples per step in "
       f"{gen.calls} sampler call{'s' if gen.calls > 1 else ''} of {gen.prompts} prompts"
-      f"{f' (padded to {gen.bucket})' if gen.bucket != gen.prompts else ''}: KV cache of "
-      f"{gen.rows} rows x {gen.slots} slots ({gen.rows / plan.batch_shards:g} rows per data x fsdp "
-      f"shard), {gen_dt.name}{' weight copy' if ro.compute_dtype else ''}")
+      f"{f' (padded to {gen.bucket})' if gen.bucket != gen.prompts else ''}"
+      + (f", continuous engine: {gen.rows} rows through {gen.cache_rows} slots, KV cache of "
+         if gen.continuous else ": KV cache of ")
+      + f"{gen.cache_rows} rows x {gen.slots} entries ({gen.cache_rows / plan.batch_shards:g} rows "
+      f"per data x fsdp shard), {gen_dt.name}{' weight copy' if ro.compute_dtype else ''}")
   what = {"compiled": f"compiled for {plan.size} local {plat} devices",
           "compiled-topology": f"compiled ahead of time for {topology} ({plat})",
           "lowered": f"lowered for an abstract {d}x{f}x{t} {plat} mesh (not compiled)"}[mode]
