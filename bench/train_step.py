@@ -16,7 +16,7 @@ the achieved TFLOP/s, the device's peak (a table keyed by
 (CPU).
 
   .venv/bin/python bench/train_step.py [--reps 5] [--skip-135m] [--model NAME]
-  .venv/bin/python bench/train_step.py --mfu [--model qwen2-0.5B] [--batch 16 --prompt 512 \
+  .venv/bin/python bench/train_step.py --mfu [--model qwen2-0.5B] [--batch 4 --prompt 512 \
       --response 1536] [--dtype bfloat16] [--remat] [--reps 10] [--peak-tflops 989]
 """
 from __future__ import annotations
@@ -37,7 +37,6 @@ from jaxent.train import _step as S
 from jaxent.types import Batch
 
 # name: (config, B, P, R) -- the default mini-batch of each model.
-
 MODELS = {
     "demo-0.12M": (models.ModelConfig(model_type="qwen2", vocab_size=15, hidden_size=64, num_layers=2,
                                       num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=256,

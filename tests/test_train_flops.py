@@ -1,4 +1,5 @@
 """bench/_flops.py: the update step's FLOP count, against hand arithmetic and XLA's own count."""
+import dataclasses
 import importlib.util
 import os
 
@@ -40,7 +41,7 @@ def test_counts_by_hand():
   assert fl.model_full_attention == stack + att_full + head
   # executed: dense T^2 attention; logits recomputed in the backward pass (8 D V per position)
   assert fl.executed == stack + att_full + 8 * 8 * 10 * 2
-  rem = F.update_flops(models.ModelConfig(**{**cfg.__dict__, "remat": True}), 1, 1, 2)
+  rem = F.update_flops(dataclasses.replace(cfg, remat=True), 1, 1, 2)
   assert rem.model == fl.model
   assert rem.executed == fl.executed + 2 * w * 3 + 4 * 2 * 4 * 9
 
