@@ -1,5 +1,6 @@
 """bench/device_suite.sh: its CPU dry path runs every step and reports identical engine rows."""
 import os
+import re
 import subprocess
 import sys
 
@@ -14,3 +15,10 @@ def test_device_suite_dry_run_on_cpu():
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "tokens identical row by row: True" in out.stdout
   assert "=== rollout_engine: exit 0" in out.stdout and "=== losses: exit 0" in out.stdout
+  # The MFU step: FLOPs, step time and TFLOP/s agree; no peak for a CPU, so MFU n/a.
+  assert "=== train_mfu: exit 0" in out.stdout
+  flops = float(re.search(r"model FLOPs per step ([0-9.e+]+)", out.stdout).group(1))
+  step_ms = float(re.search(r"step ([0-9.]+) ms \(median", out.stdout).group(1))
+  tflops = float(re.search(r"achieved ([0-9.e+-]+) TFLOP/s", out.stdout).group(1))
+  assert flops > 0 and abs(tflops / (flops / (step_ms * 1e-3) / 1e12) - 1) < 5e-3  # printed digits
+  assert "MFU n/a" in out.stdout
