@@ -20,6 +20,7 @@ default is a small Llama-shaped model and shorter responses:
   python bench/rollout_engine.py --uniform
   python bench/rollout_engine.py --model 135m --median 64 --max-new 512 --slots 16
   python bench/rollout_engine.py --compute-dtype bfloat16   # bfloat16 weights and cache
+  python bench/rollout_engine.py --model demo --prompts 32 --uniform --max-new 12 --slots 64
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ SHAPES = {
     # a small Llama-shaped model for the 2-core CPU
     "small": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6,
                   num_heads=6, num_kv_heads=2, head_dim=64),
+    # the demo's policy (configs/demo.yaml: Qwen2 shape, 0.12M parameters, llama-style here)
+    "demo": dict(vocab_size=15, hidden_size=64, intermediate_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16),
 }
 
 

@@ -244,8 +244,9 @@ def test_topology_as_a_device_count(tmp_path, capsys):
 @pytest.mark.parametrize("slots, chunk, want_slots, want_bp", [
     (64, 32, 64, 32),     # S rows of cache, the chunk's 32 prompts
     (60, 24, 64, 32),     # S rounded up to a multiple of the 8 row shards, 24 prompts padded to 32
-    (0, 32, 64, 32),      # default S: min(rows of a call = 256, 64)
-    (0, 4, 32, 8),        # default S: min(32 rows, 64)
+    (0, 32, 64, 32),      # default S: a quarter of a call's 256 rows
+    (0, 4, 8, 8),         # default S: a quarter of 32 rows
+    (0, 1, 8, 8),         # default S: a quarter of 8 rows = 2, rounded up to the 8 row shards
 ])
 def test_continuous_engine_holds_its_slots_not_its_rows(slots, chunk, want_slots, want_bp, tmp_path):
   """The continuous engine's memory while generating, by hand: the S slots' cache

@@ -112,7 +112,7 @@ def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
   The static engine pads the call's prompts to its batch bucket and keeps
   every row's cache. The continuous engine pads them to a power of two (a
   multiple of ``data x fsdp``), keeps only ``S`` rows of cache (``rollout.slots``,
-  default ``min(rows, 64)``, rounded up to a multiple of ``data x fsdp``) and
+  default ``sampler.default_slots(rows)``, a quarter, rounded up to a multiple of ``data x fsdp``) and
   refills them from the call's queue of rows.
   """
   ro = cfg.rollout
@@ -122,7 +122,7 @@ def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
   calls = -(-ro.prompts_per_step // chunk)
   if ro.engine == "continuous":
     bp = -(-(1 << max(chunk - 1, 0).bit_length()) // batch_shards) * batch_shards
-    s = ro.slots or max(1, min(chunk * ro.samples_per_prompt, 64))
+    s = ro.slots or sampler.default_slots(chunk * ro.samples_per_prompt)
     s = -(-s // batch_shards) * batch_shards
     return _GenShape(calls=calls, prompts=chunk, bucket=bp, rows=bp * ro.samples_per_prompt,
                      prompt_len=p_len, slots=p_len + ro.max_new_tokens, cache_rows=s,

@@ -15,6 +15,7 @@ from jaxent.sampler._sampler import (
     Sampler,
     SamplingParams,
     SamplingState,
+    default_slots,
     generate,
     prompt_bucket,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "SamplingState",
+    "default_slots",
     "generate",
     "prompt_bucket",
     "sample_logits",
