@@ -59,6 +59,7 @@ class DemoSettings:
   eval_every: int = 20         # held-out greedy evaluation period (RL steps)
   num_eval: int = 2048         # held-out prompts
   methods: tuple[str, ...] = ("grpo", "clip_cov", "kl_cov")
+  early_fraction: float = 0.25  # the law fitted on this first part of the steps predicts the end
 
 
 QUICK = DemoSettings(rl_steps=6, sft_steps=30, seeds=(0,), eval_every=3, num_eval=256)
@@ -144,6 +145,46 @@ def _final_eval(evals: list[dict], k: int = 3) -> float:
   return float(np.mean(acc[-k:])) if acc else float("nan")
 
 
+def early_fit(runs: list[dict], total_steps: int, fraction: float = 0.25) -> dict:
+  """The law fitted on the first ``fraction`` of the steps, pooled over seeds, against the end.
+
+  Each run (a seed) gives points (training entropy at an evaluation step,
+  held-out accuracy there). Those at steps ``<= fraction * total_steps``, of
+  every seed, are fitted with ``diagnostics.fit_entropy_law`` (OLS); the fit
+  predicts each seed's last evaluation from its entropy there.
+
+  Returns:
+    ``n_fit``, ``a``, ``b``, ``r2``, ``ceiling`` of the early fit,
+    ``predicted_final`` and ``realised_final`` (means over the seeds of the
+    prediction and of the accuracy reached at the last evaluation) and
+    ``error`` (predicted - realised); or ``{"error_message": ...}`` when the
+    early window has fewer than 3 points or no evaluation follows it.
+  """
+  from jaxent import diagnostics
+  early, late, last = [], [], []
+  for r in runs:
+    pts = [(e["step"], r["entropy"][e["step"] - 1], e["eval_accuracy"]) for e in r["evals"]]
+    if not pts:
+      continue
+    for st, h, acc in pts:
+      (early if st <= fraction * total_steps else late).append((h, acc))
+    last.append(pts[-1][1:])
+  if len(early) < 3 or not late:
+    return {"error_message": f"the early fit needs at least 3 evaluations at steps <= "
+                             f"{fraction:g} x {total_steps} (over all seeds) and one after; got "
+                             f"{len(early)} and {len(late)}"}
+  h, acc = np.asarray(early + late, np.float64).T
+  try:
+    fit = diagnostics.fit_entropy_law(h, acc, fit_first=len(early))
+  except ValueError as e:
+    return {"error_message": str(e)}
+  h_last, acc_last = np.asarray(last, np.float64).T
+  predicted, realised = float(np.mean(fit.predict(h_last))), float(np.mean(acc_last))
+  return {"n_fit": len(early), "a": float(fit.a), "b": float(fit.b),
+          "r2": float(fit.r2) if np.isfinite(fit.r2) else None, "ceiling": float(fit.ceiling),
+          "predicted_final": predicted, "realised_final": realised, "error": predicted - realised}
+
+
 def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None = None,
              log=print) -> dict:
   """Runs the demo and returns the summary (also written to ``summary.json``)."""
@@ -202,7 +243,13 @@ def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None
         "per_seed": [{k: r[k] for k in ("seed", "initial_entropy", "final_entropy", "final_accuracy",
                                         "seconds", "run_dir")} for r in rs],
         "law": law,
+        "early_fit": early_fit(rs, s.rl_steps, s.early_fraction),
     }
+    ef = summary["methods"][method]["early_fit"]
+    if "predicted_final" in ef:
+      log(f"  {method:9s} early fit (steps <= {s.early_fraction:g} x {s.rl_steps}, {ef['n_fit']} "
+          f"points): predicts held-out accuracy {ef['predicted_final']:.3f} at the final entropy, "
+          f"reached {ef['realised_final']:.3f} (ceiling {ef['ceiling']:.3f})")
   m = summary["methods"]
   if "grpo" in m:
     g = m["grpo"]
@@ -236,12 +283,19 @@ def _report(out_dir: str, runs: dict, summary: dict) -> None:
       axes[1].plot(st, ac, "o-", color=c, alpha=0.8, label=lab, ms=3)
       axes[2].scatter([r["entropy"][t - 1] for t in st], ac, color=c, s=12, alpha=0.8, label=lab)
     law = summary["methods"][method].get("law") or {}
+    h = np.linspace(min(min(r["entropy"]) for r in rs), max(max(r["entropy"]) for r in rs), 50)
     if "a" in law:
-      h = np.linspace(min(min(r["entropy"]) for r in rs), max(max(r["entropy"]) for r in rs), 50)
       axes[2].plot(h, -law["a"] * np.exp(h) + law["b"], "--", color=c)
+    ef = summary["methods"][method].get("early_fit") or {}
+    if "a" in ef:  # the early fit extrapolated, and what it predicted for the end
+      axes[2].plot(h, -ef["a"] * np.exp(h) + ef["b"], ":", color=c, lw=2,
+                   label=f"{method} early fit ({ef['n_fit']} pts)")
+      axes[2].scatter([np.mean([r["entropy"][r["evals"][-1]["step"] - 1] for r in rs])],
+                      [ef["predicted_final"]], marker="x", s=60, color=c)
   axes[0].set(xlabel="RL step", ylabel="policy entropy (nats/token)", title="Entropy")
   axes[1].set(xlabel="RL step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
-  axes[2].set(xlabel="policy entropy", ylabel="held-out accuracy", title="R = -a exp(H) + b")
+  axes[2].set(xlabel="policy entropy", ylabel="held-out accuracy",
+              title="R = -a exp(H) + b (dotted: early fit; x: its prediction)")
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
