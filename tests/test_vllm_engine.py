@@ -114,6 +114,50 @@ def test_greedy_tokens_equal_the_static_engine_before_and_after_a_weight_update(
   assert not np.array_equal(np.asarray(out.tokens), toks0)
 
 
+def _transformers_greedy(path, prompts, r, eos):
+  """Greedy continuations by transformers' PyTorch model read from the HF directory ``path``
+  (float32, one prompt per call: no padding); a row stops after ``eos`` when it is not None."""
+  import torch
+  import transformers
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  rows = []
+  with torch.no_grad():
+    for p in prompts:
+      ids = torch.tensor([p])
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r,
+                        min_new_tokens=0, do_sample=False, eos_token_id=eos, pad_token_id=0)
+      rows.append(out[0, len(p):].tolist())
+  return rows
+
+
+def test_greedy_tokens_equal_transformers_on_the_same_checkpoint_before_and_after_an_update(
+    engine_and_family, tmp_path):
+  """The HF directory ``models.save_pretrained`` writes (what the engine starts from) read by
+  transformers and by jaxent; the engine gets jaxent's copy (a start or a sync), then other
+  weights through a sync. Rows stop at an EOS that some rows draw mid-response."""
+  eng, (family, tied) = engine_and_family
+  for seed in (6, 7):
+    path = models.save_pretrained(_model(family, tied, seed=seed), tmp_path / f"w{seed}")
+    m = models.from_pretrained(path, dtype="float32", param_dtype="float32")
+    free = _transformers_greedy(path, PROMPTS, R, eos=None)
+    assert all(len(t) == R for t in free)
+    eos = free[0][3]
+    ref = _transformers_greedy(path, PROMPTS, R, eos=eos)
+    assert len(ref[0]) == 4 and ref[0][-1] == eos                 # row 0 stops at its EOS
+    if seed == 7:
+      assert eng.sync(m) > 0                                      # a weight update, in place
+    out = eng.generate(m, PROMPTS, rollout.Decoding(R, temperature=0.0, eos_id=eos),
+                       num_samples=1, key=jax.random.key(0))
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    for row, want in enumerate(ref):
+      assert mask[row].sum() == len(want)
+      assert toks[row, :len(want)].tolist() == want, (seed, row)
+    if seed == 6:
+      first = free
+  assert free != first                                            # the update changed the output
+
+
 def _teacher_forced_logprobs(model, prompt, resp, temperature, top_k, top_p):
   """log pi_trunc(y_t) of each response token: jaxent's forward, scaled and truncated."""
   toks = jnp.asarray([list(prompt) + list(resp)], jnp.int32)
