@@ -114,6 +114,50 @@ def test_greedy_tokens_equal_the_static_engine_before_and_after_a_weight_update(
   assert not np.array_equal(np.asarray(out.tokens), toks0)
 
 
+def _transformers_greedy(path, prompts, r, eos):
+  """Greedy continuations by transformers' PyTorch model read from the HF directory ``path``
+  (float32, one prompt per call: no padding); a row stops after ``eos`` when it is not None."""
+  import torch
+  import transformers
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  rows = []
+  with torch.no_grad():
+    for p in prompts:
+      ids = torch.tensor([p])
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r,
+                        min_new_tokens=0, do_sample=False, eos_token_id=eos, pad_token_id=0)
+      rows.append(out[0, len(p):].tolist())
+  return rows
+
+
+def test_greedy_tokens_equal_transformers_on_the_same_checkpoint_before_and_after_an_update(
+    engine_and_family, tmp_path):
+  """The HF directory ``models.save_pretrained`` writes (what the engine starts from) read by
+  transformers and by jaxent; the engine gets jaxent's copy (a start or a sync), then other
+  weights through a sync. Rows stop at an EOS that some rows draw mid-response."""
+  eng, (family, tied) = engine_and_family
+  for seed in (6, 7):
+    path = models.save_pretrained(_model(family, tied, seed=seed), tmp_path / f"w{seed}")
+    m = models.from_pretrained(path, dtype="float32", param_dtype="float32")
+    free = _transformers_greedy(path, PROMPTS, R, eos=None)
+    assert all(len(t) == R for t in free)
+    eos = free[0][3]
+    ref = _transformers_greedy(path, PROMPTS, R, eos=eos)
+    assert len(ref[0]) == 4 and ref[0][-1] == eos                 # row 0 stops at its EOS
+    if seed == 7:
+      assert eng.sync(m) > 0                                      # a weight update, in place
+    out = eng.generate(m, PROMPTS, rollout.Decoding(R, temperature=0.0, eos_id=eos),
+                       num_samples=1, key=jax.random.key(0))
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    for row, want in enumerate(ref):
+      assert mask[row].sum() == len(want)
+      assert toks[row, :len(want)].tolist() == want, (seed, row)
+    if seed == 6:
+      first = free
+  assert free != first                                            # the update changed the output
+
+
 def _teacher_forced_logprobs(model, prompt, resp, temperature, top_k, top_p):
   """log pi_trunc(y_t) of each response token: jaxent's forward, scaled and truncated."""
   toks = jnp.asarray([list(prompt) + list(resp)], jnp.int32)
@@ -236,3 +280,71 @@ def test_two_rl_steps_with_the_vllm_engine_train_log_the_gap_and_resume_exactly(
   assert strip(res2.history[-1]) == strip(rows[-1])
   for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(res2.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def digit_fraction(response: str, answer: str) -> float:
+  """A reward a random policy earns in part: the fraction of the response's characters that
+  are digits (it depends on the sampled tokens' distribution, unlike a 0/1 grade that a
+  random policy never earns)."""
+  del answer
+  return sum(c.isdigit() for c in response) / max(len(response), 1)
+
+
+def test_vllm_run_metrics_match_a_native_run_in_distribution(tmp_path):
+  """Reward, entropy, log-prob and response length of a ``jaxent train`` run with
+  ``engine: vllm`` against the same run with the native engine, as statistics over
+  independent rollouts.
+
+  Both runs sample the same initial policy at every step: the learning rate (1e-12) moves no
+  parameter by more than float32 resolution (asserted), so each step's rollout is an
+  independent draw (its own step key, its own prompts from the data order, the same in the
+  two runs) of one distribution, and the step's metrics are one replication. The engines'
+  tokens differ (two samplers); their per-step means must agree: |mean_vllm - mean_native|
+  <= 4 standard errors (Welch, from the per-step values; |t| > 4 at ~14 degrees of freedom
+  has probability ~1e-3 per metric) + 1e-4 (fp32 engine and trainer: logits equal to ~1e-6).
+  ``log_prob`` (the trainer's mean log pi of the sampled tokens) is the metric a sampler
+  mismatch moves most: E_{y~q}[log pi(y)] = -H(pi) only for q = pi. The policy is the tiny
+  model with weights scaled x12, far from uniform (entropy ~1.7 nats of log 15 = 2.7):
+  an engine sampling at T = 2 for the configured 1 moves ``log_prob`` by ~0.9, about 30
+  standard errors, and T = 1.1 by 0.16, 7.7 standard errors (measured: the test fails).
+  """
+  _need_vllm()
+  from jaxent import config as C
+  from jaxent import rewards
+  from jaxent.train import _build, _loop
+  from tests._tiny import loop_config, metrics_rows
+
+  if "test_digit_fraction" not in rewards.reward_names():
+    rewards.register_reward("test_digit_fraction", digit_fraction, isolated=False)
+  arch = {"model_type": "qwen2", "hidden_size": 64, "num_layers": 1, "num_heads": 2,
+          "num_kv_heads": 1, "head_dim": 32, "intermediate_size": 64, "tie_word_embeddings": True}
+  steps = 8
+  raw = loop_config(model={"arch": arch},
+                    rollout={"prompts_per_step": 16, "samples_per_prompt": 8, "max_new_tokens": 8,
+                             "reward": "test_digit_fraction", "vllm_kv_cache_bytes": 64 << 20,
+                             "vllm_max_model_len": 64},
+                    loss={"name": "ppo_clip"}, optim={"lr": 1e-12},
+                    train={"steps": steps, "mini_batches": 1, "eval_every": 0, "ckpt_every": 0})
+
+  def run(engine):
+    cfg = C.from_dict(raw, [f"rollout.engine={engine}"])
+    run_dir = str(tmp_path / engine)
+    comps = _build.build_components(cfg, run_dir)
+    init = jax.tree.map(lambda x: x * 12.0 if x.ndim > 1 else x, comps.params)
+    comps.params = init
+    res = _loop.train(cfg, run_dir, comps)
+    for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(res.state.params)):
+      assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-9   # the policy did not move
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    return rows
+
+  native, vllm_rows = run("continuous"), run("vllm")
+  for name in ("reward_mean", "entropy", "log_prob", "response_len_mean"):
+    x = np.array([r[name] for r in vllm_rows], np.float64)
+    y = np.array([r[name] for r in native], np.float64)
+    assert not np.array_equal(x, y)                           # different samplers, other tokens
+    se = np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+    diff = abs(x.mean() - y.mean())
+    assert diff <= 4 * se + 1e-4, (name, x.mean(), y.mean(), se)
+  assert 0.2 < np.mean([r["reward_mean"] for r in native]) < 0.95   # the reward varies
