@@ -11,7 +11,14 @@ import pytest
 
 from jaxent.apps import _study as S
 from jaxent.apps._law_report import early_fit_prediction
-from jaxent.data.arithmetic import ArithmeticTask, CharTokenizer, DecoyLabels, operands_of_prompt
+from jaxent.data.arithmetic import (
+    ArithmeticTask,
+    CarryDecoy,
+    CharTokenizer,
+    DecoyLabels,
+    make_decoy,
+    operands_of_prompt,
+)
 
 METHODS = ("grpo", "kl_cov")
 
@@ -202,6 +209,69 @@ def test_decoy_warm_start_labels_follow_prob():
   assert abs(p_hat - 0.7) < 4 * math.sqrt(0.7 * 0.3 / m), (p_hat, m)   # binomial, 4 sigma
 
 
+def test_carry_decoy_hand_cases():
+  task = ArithmeticTask(num_operands=3, num_digits=1)
+  d = CarryDecoy(prob=1.0)
+  # 4+5 = 9, 9+3 = 12: the last addition carries (9 + 3 >= 10); the decoy drops it: 2
+  assert d.decoy(task, [4, 5, 3]) == "9;2$"
+  # 7+8 = 15, 15+6 = 21: 5 + 6 >= 10 carries; decoy 11 (the tens digit of 15 copied)
+  assert d.decoy(task, [7, 8, 6]) == "15;11$"
+  # 7+8 = 15, 15+4 = 19: no carry (5 + 4 = 9); 1+9 = 10, 10+9 = 19: no carry (0 + 9)
+  ops = np.array([[4, 5, 3], [7, 8, 6], [7, 8, 4], [1, 9, 9], [9, 9, 2]])
+  assert list(d.applies(ops)) == [True, True, False, False, True]   # 18 + 2: 8 + 2 >= 10
+  with pytest.raises(ValueError, match="does not carry"):
+    d.decoy(task, [7, 8, 4])
+  rng = np.random.default_rng(0)
+  assert d.label(task, [4, 5, 3], rng) == "9;2$"
+  assert d.label(task, [7, 8, 4], rng) == task.answer([7, 8, 4]) == "15;19$"
+  assert CarryDecoy(prob=0.0).label(task, [4, 5, 3], rng) == "9;12$"
+  # two-digit operands: the units carry of the last addition
+  task2 = ArithmeticTask(num_operands=2, num_digits=2)
+  assert list(d.applies(np.array([[15, 27], [15, 24]]))) == [True, False]
+  assert d.decoy(task2, [15, 27]) == "32$"                          # 42 - 10
+  with pytest.raises(ValueError, match="prob"):
+    CarryDecoy(prob=1.5)
+  with pytest.raises(ValueError, match="num_operands"):
+    d.applies(np.array([1, 2, 3]))
+
+
+def test_make_decoy_kinds():
+  assert make_decoy(None) is None
+  assert make_decoy({"last_operand": 8, "prob": 0.5, "offset": 2}) == DecoyLabels(8, 0.5, 2)
+  assert make_decoy({"kind": "offset", "prob": 0.5}) == DecoyLabels(prob=0.5)
+  assert make_decoy({"kind": "carry", "prob": 0.25}) == CarryDecoy(prob=0.25)
+  with pytest.raises(ValueError, match="unknown decoy kind 'nope'"):
+    make_decoy({"kind": "nope"})
+  with pytest.raises(ValueError, match="carry.*offset"):
+    make_decoy({"kind": "carry", "offset": -1})
+  with pytest.raises(ValueError, match="settings.decoy.*kind"):
+    S.StudySettings(decoy={"kind": "nope"}).validate()
+
+
+def test_carry_decoy_warm_start_labels_follow_prob():
+  """The warm start's supervised answers on the carry subset are the decoy with probability prob,
+  and the subset is the problems whose last addition carries (counted here by brute force)."""
+  from jaxent.apps._demo import _sft_batches
+  task, tok = ArithmeticTask(num_operands=5, num_digits=1), CharTokenizer()
+  d = CarryDecoy(prob=0.6)
+  n = 4000
+  batch = _sft_batches(task, tok, n, seed=5, noise=0.0, decoy=d)
+  ops = task.sample_operands(n, seed=5, unique=False)
+  mask = np.asarray(batch.response_mask)
+  toks = np.asarray(batch.tokens)[:, -mask.shape[1]:]
+  resp = [tok.decode(t[m > 0]) for t, m in zip(toks, mask)]
+  sub = np.array([sum(o[:-1]) % 10 + o[-1] >= 10 for o in ops.tolist()])
+  assert (d.applies(ops) == sub).all()
+  right = np.array([r == task.answer(o) for r, o in zip(resp, ops)])
+  decoyed = np.array([s and r == task.answer(o).rsplit(";", 1)[0] + f";{sum(o) - 10}$"
+                      for s, r, o in zip(sub, resp, ops.tolist())])
+  assert (decoyed | right).all() and not decoyed[~sub].any()
+  m = int(sub.sum())
+  assert 0.4 < m / n < 0.6
+  p_hat = decoyed[sub].mean()
+  assert abs(p_hat - 0.6) < 4 * math.sqrt(0.6 * 0.4 / m), (p_hat, m)   # binomial, 4 sigma
+
+
 def test_study_file_errors_are_named(tmp_path):
   bad = tmp_path / "s.yaml"
   bad.write_text("settings: {rl_step: 3}\nmethods: {grpo: {loss.name: ppo_clip}}\n")
@@ -228,7 +298,8 @@ def test_every_study_method_builds_its_config():
   assert all(strip(c) == strip(cfgs["grpo"]) for c in cfgs.values())
 
 
-@pytest.mark.parametrize("name", ["study", "decoy", "decoy_p98", "decoy_p98_n05", "decoy_mb8"])
+@pytest.mark.parametrize("name", ["study", "decoy", "decoy_p98", "decoy_p98_n05", "decoy_mb8",
+                                  "carry", "carry200"])
 def test_every_study_file_validates(name):
   here = os.path.dirname(os.path.abspath(__file__))
   path = os.path.join(here, "..", "configs", "study", f"{name}.yaml")
@@ -239,4 +310,4 @@ def test_every_study_file_validates(name):
     assert steps[0] == 0 and steps[-1] == plan.settings.rl_steps
     # the early fit has its 3 evaluations in the first early_fraction of the steps
     assert sum(t <= plan.settings.early_fraction * plan.settings.rl_steps for t in steps) >= 3
-  assert len(set(os.listdir(os.path.dirname(path)))) == 5   # no study file left untested
+  assert len(set(os.listdir(os.path.dirname(path)))) == 7   # no study file left untested

@@ -44,7 +44,7 @@ class StudySettings:
   sft_batch: int = 64
   sft_lr: float = 3e-3
   sft_noise: float = 0.2
-  decoy: Mapping[str, Any] | None = None   # data.arithmetic.DecoyLabels fields, or None
+  decoy: Mapping[str, Any] | None = None   # data.arithmetic.make_decoy settings, or None
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_every: int = 25
   num_eval: int = 512
@@ -73,11 +73,10 @@ class StudySettings:
     return self
 
   def decoy_labels(self):
-    from jaxent.data.arithmetic import DecoyLabels
-    if self.decoy is None:
-      return None
+    """The warm start's decoy (``data.arithmetic.make_decoy``), or None."""
+    from jaxent.data.arithmetic import make_decoy
     try:
-      return DecoyLabels(**dict(self.decoy))
+      return make_decoy(self.decoy)
     except (TypeError, ValueError) as e:
       raise ValueError(f"study settings.decoy: {e}") from None
 

@@ -285,6 +285,79 @@ class DecoyLabels:
     return task.answer(operands)
 
 
+@dataclasses.dataclass(frozen=True)
+class CarryDecoy:
+  """A difficulty knob for the supervised warm start: the last carry dropped.
+
+  On the problems whose last addition carries out of the units digit
+  (``(S_{n-1} mod 10) + (x_n mod 10) >= 10``: about half of them with five
+  one-digit operands), the supervised answer's last partial sum is replaced
+  by ``S_n - 10`` (the carry forgotten) with probability ``prob``. The
+  decoy is what the right answer looks like on the other problems, whose
+  last addition does not carry: the warm start learns one rule, "copy the
+  tens digit of ``S_{n-1}``", that RL on those problems rewards and
+  sharpens, while the subset's right answer needs the carry the rule
+  leaves out. Whether a problem is in the subset is computed from the
+  operands, not read off one token of the prompt.
+
+  Attributes:
+    prob: probability in [0, 1] that a supervised answer of the subset is the decoy.
+  """
+  prob: float = 1.0
+
+  def __post_init__(self):
+    if isinstance(self.prob, bool) or not isinstance(self.prob, (int, float)) \
+        or not 0.0 <= self.prob <= 1.0:
+      raise ValueError(f"prob must be in [0, 1], got {self.prob!r}")
+
+  def applies(self, operands: np.ndarray) -> np.ndarray:
+    """bool ``[n]`` for int operands ``[n, num_operands]``: the last addition carries."""
+    ops = np.asarray(operands)
+    if ops.ndim != 2 or ops.shape[1] < 2:
+      raise ValueError(f"operands must be [n, num_operands >= 2], got shape {ops.shape}")
+    prev = ops[:, :-1].sum(axis=1)
+    return prev % 10 + ops[:, -1] % 10 >= 10
+
+  def decoy(self, task: ArithmeticTask, operands: Sequence[int]) -> str:
+    """The answer of ``task`` with the last partial sum's units carry dropped (``S_n - 10``)."""
+    sums = [int(s) for s in np.cumsum([int(x) for x in operands])[1:]]
+    if not self.applies(np.asarray([operands]))[0]:
+      raise ValueError(f"the last addition of {list(operands)} does not carry: no decoy")
+    sums[-1] -= 10
+    return ";".join(str(s) for s in sums) + EOS
+
+  def label(self, task: ArithmeticTask, operands: Sequence[int], rng: np.random.Generator) -> str:
+    """The supervised answer: the decoy with probability ``prob`` on the subset, else the answer.
+
+    One draw from ``rng`` per problem of the subset, none elsewhere.
+    """
+    if self.applies(np.asarray([operands]))[0] and rng.random() < self.prob:
+      return self.decoy(task, operands)
+    return task.answer(operands)
+
+
+DECOYS = {"offset": DecoyLabels, "carry": CarryDecoy}
+
+
+def make_decoy(spec):
+  """A decoy from its settings ``{kind: offset|carry, ...fields}`` (``kind`` defaults to
+  ``offset``, ``DecoyLabels``), or None for None.
+
+  Raises:
+    ValueError: an unknown kind or a bad field (named).
+  """
+  if spec is None:
+    return None
+  fields = dict(spec)
+  kind = fields.pop("kind", "offset")
+  if kind not in DECOYS:
+    raise ValueError(f"unknown decoy kind {kind!r}; known: {sorted(DECOYS)}")
+  try:
+    return DECOYS[kind](**fields)
+  except TypeError as e:
+    raise ValueError(f"decoy kind {kind!r}: {e}") from None
+
+
 def operands_of_prompt(prompt: str) -> list[int]:
   """The operands of a prompt ``a+b+c=`` (the inverse of ``ArithmeticTask.prompt``).
 

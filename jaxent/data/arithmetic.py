@@ -5,10 +5,12 @@ from jaxent.data._arithmetic import (
     PAD,
     SPLITS,
     ArithmeticTask,
+    CarryDecoy,
     CharTokenizer,
     DecoyLabels,
+    make_decoy,
     operands_of_prompt,
 )
 
-__all__ = ["ALPHABET", "EOS", "PAD", "SPLITS", "ArithmeticTask", "CharTokenizer", "DecoyLabels",
-           "operands_of_prompt"]
+__all__ = ["ALPHABET", "EOS", "PAD", "SPLITS", "ArithmeticTask", "CarryDecoy", "CharTokenizer",
+           "DecoyLabels", "make_decoy", "operands_of_prompt"]
