@@ -121,9 +121,9 @@ def _generation_shape(cfg: Config, mcfg, batch_shards: int) -> _GenShape:
   p_len = prompt_bucket(cfg.data.max_prompt_len)
   calls = -(-ro.prompts_per_step // chunk)
   if ro.engine == "continuous":
-    bp = -(-(1 << max(chunk - 1, 0).bit_length()) // batch_shards) * batch_shards
-    s = ro.slots or sampler.default_slots(chunk * ro.samples_per_prompt)
-    s = -(-s // batch_shards) * batch_shards
+    s, bp = sampler.ContinuousSampler(
+        mcfg, slots=ro.slots or sampler.default_slots(chunk * ro.samples_per_prompt)
+    ).padded_shape(chunk, batch_shards)
     return _GenShape(calls=calls, prompts=chunk, bucket=bp, rows=bp * ro.samples_per_prompt,
                      prompt_len=p_len, slots=p_len + ro.max_new_tokens, cache_rows=s,
                      continuous=True)

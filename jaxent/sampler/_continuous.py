@@ -106,6 +106,14 @@ class ContinuousSampler:
     if self.cache_dtype is not None:
       object.__setattr__(self, "cache_dtype", jnp.dtype(self.cache_dtype))
 
+  def padded_shape(self, prompts: int, multiple: int = 1) -> tuple[int, int]:
+    """``(S, Bp)`` of a call of ``prompts`` prompts: the slots and the padded
+    prompt count (the next power of two), each rounded up to a multiple of
+    ``multiple`` (the row shards ``data * fsdp``)."""
+    s = -(-self.slots // multiple) * multiple
+    bp = -(-base._pow2_at_least(prompts, 1) // multiple) * multiple
+    return s, bp
+
   def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                key: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                eos_id: int | Sequence[int] | None = None, num_samples: int = 1,
@@ -124,12 +132,10 @@ class ContinuousSampler:
     k_steps = r if steps_per_call is None else base.check_pos_int(steps_per_call,
                                                                   "steps_per_call")
     mesh = base.resolve_mesh(mesh)
-    shards = base.batch_shards(mesh)
-    s = -(-self.slots // shards) * shards
     p = base.Sampler(cfg, prompt_buckets=self.prompt_buckets).prompt_bucket(
         max(len(x) for x in rows_in))
     b = len(rows_in)
-    bp = -(-base._pow2_at_least(b, 1) // shards) * shards   # padded prompts
+    s, bp = self.padded_shape(b, base.batch_shards(mesh))
     total = b * n
     spec = _Spec(self, p, r, s, bp, n)
 
