@@ -79,4 +79,4 @@ def test_early_fit_pools_the_seeds_early_points_and_predicts_their_ends():
   np.testing.assert_allclose(got["error"], want - got["realised_final"], rtol=1e-9)
   # Too few early evaluations: a message, not a fit.
   short = early_fit(runs, total_steps=40, fraction=0.15)   # steps <= 6: two points
-  assert "2 and" in short["error_message"] and "predicted_final" not in short
+  assert "got 2 of 12" in short["error_message"] and "predicted_final" not in short

@@ -149,40 +149,26 @@ def early_fit(runs: list[dict], total_steps: int, fraction: float = 0.25) -> dic
   """The law fitted on the first ``fraction`` of the steps, pooled over seeds, against the end.
 
   Each run (a seed) gives points (training entropy at an evaluation step,
-  held-out accuracy there). Those at steps ``<= fraction * total_steps``, of
-  every seed, are fitted with ``diagnostics.fit_entropy_law`` (OLS); the fit
-  predicts each seed's last evaluation from its entropy there.
+  held-out accuracy there); ``early_fit_prediction`` fits those at steps
+  ``<= fraction * total_steps`` of every seed (OLS) and predicts each seed's
+  last evaluation from its entropy there.
 
   Returns:
-    ``n_fit``, ``a``, ``b``, ``r2``, ``ceiling`` of the early fit,
-    ``predicted_final`` and ``realised_final`` (means over the seeds of the
-    prediction and of the accuracy reached at the last evaluation) and
-    ``error`` (predicted - realised); or ``{"error_message": ...}`` when the
-    early window has fewer than 3 points or no evaluation follows it.
+    ``early_fit_prediction``'s record (``predicted_final`` and
+    ``realised_final`` are means over the seeds), or ``{"error_message": ...}``
+    when the early window has fewer than 3 points or no evaluation follows it.
   """
-  from jaxent import diagnostics
-  early, late, last = [], [], []
-  for r in runs:
-    pts = [(e["step"], r["entropy"][e["step"] - 1], e["eval_accuracy"]) for e in r["evals"]]
-    if not pts:
-      continue
-    for st, h, acc in pts:
-      (early if st <= fraction * total_steps else late).append((h, acc))
-    last.append(pts[-1][1:])
-  if len(early) < 3 or not late:
-    return {"error_message": f"the early fit needs at least 3 evaluations at steps <= "
-                             f"{fraction:g} x {total_steps} (over all seeds) and one after; got "
-                             f"{len(early)} and {len(late)}"}
-  h, acc = np.asarray(early + late, np.float64).T
+  from jaxent.apps._law_report import early_fit_prediction
+  pts = [(e["step"], r["entropy"][e["step"] - 1], e["eval_accuracy"])
+         for r in runs for e in r["evals"]]
+  ends = [(r["entropy"][r["evals"][-1]["step"] - 1], r["evals"][-1]["eval_accuracy"])
+          for r in runs if r["evals"]]
   try:
-    fit = diagnostics.fit_entropy_law(h, acc, fit_first=len(early))
+    st, h, acc = zip(*pts) if pts else ((), (), ())
+    return early_fit_prediction(st, h, acc, total_steps=total_steps, fraction=fraction,
+                                final=tuple(zip(*ends)))
   except ValueError as e:
     return {"error_message": str(e)}
-  h_last, acc_last = np.asarray(last, np.float64).T
-  predicted, realised = float(np.mean(fit.predict(h_last))), float(np.mean(acc_last))
-  return {"n_fit": len(early), "a": float(fit.a), "b": float(fit.b),
-          "r2": float(fit.r2) if np.isfinite(fit.r2) else None, "ceiling": float(fit.ceiling),
-          "predicted_final": predicted, "realised_final": realised, "error": predicted - realised}
 
 
 def run_demo(out_dir: str, *, quick: bool = False, settings: DemoSettings | None = None,
@@ -290,8 +276,7 @@ def _report(out_dir: str, runs: dict, summary: dict) -> None:
     if "a" in ef:  # the early fit extrapolated, and what it predicted for the end
       axes[2].plot(h, -ef["a"] * np.exp(h) + ef["b"], ":", color=c, lw=2,
                    label=f"{method} early fit ({ef['n_fit']} pts)")
-      axes[2].scatter([np.mean([r["entropy"][r["evals"][-1]["step"] - 1] for r in rs])],
-                      [ef["predicted_final"]], marker="x", s=60, color=c)
+      axes[2].scatter([ef["last_entropy"]], [ef["predicted_final"]], marker="x", s=60, color=c)
   axes[0].set(xlabel="RL step", ylabel="policy entropy (nats/token)", title="Entropy")
   axes[1].set(xlabel="RL step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
   axes[2].set(xlabel="policy entropy", ylabel="held-out accuracy",

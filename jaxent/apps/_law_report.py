@@ -228,18 +228,21 @@ def fit_law(run_dir: str, *, fit_first: int | None = None, x_key: str = DEFAULT_
 
 
 def early_fit_prediction(steps, entropy, accuracy, *, total_steps: int, fraction: float = 0.25,
-                         method: str = "ols") -> dict:
+                         method: str = "ols", final=None) -> dict:
   """The law fitted on the evaluations of the first ``fraction`` of a run, against its end.
 
   The points are ordered by step; those with ``step <= fraction * total_steps``
   are fitted (``diagnostics.fit_entropy_law``), and the fit predicts the
   accuracy at the last point's entropy, ``-a*exp(H_last) + b``, which is
-  compared with the accuracy the run reached there.
+  compared with the accuracy the run reached there. Points of several runs
+  (seeds) may be pooled; ``final = (entropies, accuracies)`` then names the
+  end points (e.g. each seed's last evaluation), and the mean of their
+  predictions is compared with the mean accuracy reached.
 
   Returns:
     ``n_fit``, ``a``, ``b``, ``r2``, ``ceiling`` (``b - a``, the fit at
-    ``H = 0``), ``last_step``, ``last_entropy``, ``predicted_final``,
-    ``realised_final``, ``error`` (predicted - realised).
+    ``H = 0``), ``last_step``, ``last_entropy`` (the mean over ``final``),
+    ``predicted_final``, ``realised_final``, ``error`` (predicted - realised).
 
   Raises:
     ValueError: mismatched or too short series, fewer than 3 points in the
@@ -263,8 +266,9 @@ def early_fit_prediction(steps, entropy, accuracy, *, total_steps: int, fraction
         f"at least one after; got {k} of {st.size} (evaluate more often)")
   fit = diagnostics.fit_entropy_law(h, r, fit_first=k, method=method,
                                     labels=("entropy", "accuracy"))
-  predicted = float(fit.predict(h[-1]))
+  h_end, r_end = (h[-1:], r[-1:]) if final is None else (np.asarray(x, np.float64) for x in final)
+  predicted, realised = float(np.mean(fit.predict(h_end))), float(np.mean(r_end))
   return {"n_fit": k, "a": float(fit.a), "b": float(fit.b), "r2": _finite_or_none(fit.r2),
-          "ceiling": float(fit.ceiling), "last_step": int(st[-1]), "last_entropy": float(h[-1]),
-          "predicted_final": predicted, "realised_final": float(r[-1]),
-          "error": predicted - float(r[-1])}
+          "ceiling": float(fit.ceiling), "last_step": int(st[-1]),
+          "last_entropy": float(np.mean(h_end)), "predicted_final": predicted,
+          "realised_final": realised, "error": predicted - realised}
