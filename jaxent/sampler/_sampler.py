@@ -232,7 +232,7 @@ class Sampler:
       state, kv_mask = _prefill(self, params, *host, *scalars, num_samples=n, max_new_tokens=r)
       state = _decode(self, params, state, kv_mask, knobs)
     else:
-      params = _place_params(cfg, params, mesh)
+      params = place_params(cfg, params, mesh)
       host = [jax.device_put(x, _batch_sharding(mesh, x.ndim)) for x in host]
       scalars = _replicate(scalars, mesh)
       with jax.set_mesh(mesh):
